@@ -1,0 +1,48 @@
+"""Connections: DATABASE_URL when set, else the embedded server."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+from psycopg.rows import dict_row
+
+from orderflow.config import Settings
+from orderflow.embedded import embedded_url
+
+NOTIFY_CHANNEL = "orderflow_outbox"
+
+
+def libpq_url(url: str) -> str:
+    """A URL psycopg accepts: drop a SQLAlchemy `+driver` suffix."""
+    return re.sub(r"^postgres(?:ql)?(\+\w+)?://", "postgresql://", url)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A URL SQLAlchemy maps to psycopg 3."""
+    return re.sub(r"^postgres(?:ql)?(\+\w+)?://", "postgresql+psycopg://", url)
+
+
+def resolve_url(settings: Settings | None = None) -> str:
+    settings = settings or Settings.from_env()
+    if settings.database_url:
+        return libpq_url(settings.database_url)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return embedded_url(settings.state_dir)
+
+
+def connect(url: str | None = None, **kwargs: object) -> psycopg.Connection[dict[str, object]]:
+    """An autocommit connection: each `with conn.transaction()` is one transaction."""
+    return psycopg.connect(
+        url or resolve_url(),
+        autocommit=True,
+        row_factory=dict_row,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server URL pointing at another database."""
+    from sqlalchemy.engine import make_url
+
+    return libpq_url(make_url(url).set(database=dbname).render_as_string(hide_password=False))

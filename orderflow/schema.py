@@ -1,0 +1,340 @@
+"""The declared schema (SQLAlchemy Core).
+
+Alembic migrations build the database; a test checks that Alembic's head equals
+this declaration.  CHECK lists of states and steps come from the saga tables in
+`statemachine.definition`, so Python and SQL cannot drift apart unnoticed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+
+from statemachine.definition import STEP_NAMES, OrderState
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+ORDER_STATES: tuple[str, ...] = tuple(s.value for s in OrderState)
+OUTBOX_STATUSES = ("pending", "in_flight", "done", "dead")
+CART_STATUSES = ("open", "ordered")
+LEDGER_KINDS = ("load", "adjust", "reserve", "release", "restock")
+PAYMENT_KINDS = ("charge", "refund")
+PAYMENT_STATUSES = ("succeeded", "failed")
+SHIPMENT_KINDS = ("outbound", "return")
+SHIPMENT_STATUSES = ("created", "cancelled")
+RECOVERY_POINTS = ("started", "finished")
+
+NOW = text("now()")
+CURRENCY_CHECK = "currency ~ '^[A-Z]{3}$'"
+
+
+def _ts(name: str, *, nullable: bool = True, default_now: bool = False) -> Column[object]:
+    return Column(
+        name,
+        TIMESTAMP(timezone=True),
+        nullable=nullable,
+        server_default=NOW if default_now else None,
+    )
+
+
+products = Table(
+    "products",
+    metadata,
+    Column("sku", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("price_cents", Integer, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("available", Integer, nullable=False),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("updated_at", nullable=False, default_now=True),
+    CheckConstraint("price_cents >= 0", name="price_nonnegative"),
+    CheckConstraint("available >= 0", name="available_nonnegative"),
+    CheckConstraint(CURRENCY_CHECK, name="currency_iso"),
+    CheckConstraint("char_length(sku) BETWEEN 1 AND 64", name="sku_length"),
+)
+
+carts = Table(
+    "carts",
+    metadata,
+    Column("id", Text, primary_key=True),  # ULID
+    Column("user_id", UUID(as_uuid=True), nullable=False),
+    Column("status", Text, nullable=False, server_default="open"),
+    Column("shipping_address", JSONB, nullable=False),
+    Column("email", Text),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("ordered_at"),
+    CheckConstraint(_in_list("status", CART_STATUSES), name="status_known"),
+    CheckConstraint(
+        "(status = 'ordered') = (ordered_at IS NOT NULL)", name="ordered_at_iff_ordered"
+    ),
+    Index(None, "user_id", "created_at"),
+)
+
+cart_lines = Table(
+    "cart_lines",
+    metadata,
+    Column("cart_id", Text, ForeignKey("carts.id", ondelete="CASCADE"), nullable=False),
+    Column("sku", Text, ForeignKey("products.sku"), nullable=False),
+    Column("qty", Integer, nullable=False),
+    PrimaryKeyConstraint("cart_id", "sku"),
+    CheckConstraint("qty > 0", name="qty_positive"),
+    Index(None, "sku"),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", Text, primary_key=True),  # ULID: sorts by creation time
+    Column("user_id", UUID(as_uuid=True), nullable=False),
+    Column("cart_id", Text, ForeignKey("carts.id"), unique=True),
+    Column("state", Text, nullable=False),
+    Column("total_cents", Integer, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("payment_method_id", Text, nullable=False),
+    Column("shipping_address", JSONB, nullable=False),
+    Column("email", Text),
+    Column("idempotency_key", Text, nullable=False),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("updated_at", nullable=False, default_now=True),
+    CheckConstraint(_in_list("state", ORDER_STATES), name="state_known"),
+    CheckConstraint("total_cents >= 0", name="total_nonnegative"),
+    CheckConstraint(CURRENCY_CHECK, name="currency_iso"),
+    CheckConstraint("char_length(idempotency_key) BETWEEN 1 AND 255", name="key_length"),
+    UniqueConstraint("user_id", "idempotency_key"),
+    Index("ix_orders_user_id_created_at", "user_id", text("created_at DESC")),
+    Index(None, "state", "updated_at"),
+)
+
+order_lines = Table(
+    "order_lines",
+    metadata,
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("sku", Text, ForeignKey("products.sku"), nullable=False),
+    Column("qty", Integer, nullable=False),
+    Column("unit_price_cents", Integer, nullable=False),
+    PrimaryKeyConstraint("order_id", "sku"),
+    CheckConstraint("qty > 0", name="qty_positive"),
+    CheckConstraint("unit_price_cents >= 0", name="price_nonnegative"),
+    Index(None, "sku"),
+)
+
+# A reservation holds stock for an order until payment (consumed: the stock is
+# sold) or until it is released by the compensation.  Live = neither.
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True),
+    _ts("expires_at", nullable=False),
+    _ts("consumed_at"),
+    _ts("released_at"),
+    _ts("created_at", nullable=False, default_now=True),
+    CheckConstraint("expires_at > created_at", name="expires_after_creation"),
+    Index(
+        "ix_reservations_live_expires_at",
+        "expires_at",
+        postgresql_where=text("consumed_at IS NULL AND released_at IS NULL"),
+    ),
+)
+
+# Every change to products.available, so stock can be audited:
+# available = sum(delta) per SKU.  One row per (order, sku, kind) makes each
+# reserve / release / restock happen at most once, enforced by the database.
+stock_ledger = Table(
+    "stock_ledger",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("sku", Text, ForeignKey("products.sku"), nullable=False),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE")),
+    Column("kind", Text, nullable=False),
+    Column("delta", Integer, nullable=False),
+    _ts("at", nullable=False, default_now=True),
+    CheckConstraint(_in_list("kind", LEDGER_KINDS), name="kind_known"),
+    CheckConstraint(
+        "(kind = 'reserve' AND delta < 0) OR (kind IN ('release', 'restock') AND delta > 0)"
+        " OR kind IN ('load', 'adjust')",
+        name="delta_sign",
+    ),
+    CheckConstraint(
+        "(order_id IS NULL) = (kind IN ('load', 'adjust'))", name="order_iff_order_kind"
+    ),
+    Index(
+        "uq_stock_ledger_order_sku_kind",
+        "order_id",
+        "sku",
+        "kind",
+        unique=True,
+        postgresql_where=text("order_id IS NOT NULL"),
+    ),
+    Index(None, "sku"),
+)
+
+order_history = Table(
+    "order_history",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("from_state", Text),
+    Column("to_state", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column(
+        "at", TIMESTAMP(timezone=True), nullable=False, server_default=text("clock_timestamp()")
+    ),
+    CheckConstraint(
+        "from_state IS NULL OR " + _in_list("from_state", ORDER_STATES), name="from_state_known"
+    ),
+    CheckConstraint(_in_list("to_state", ORDER_STATES), name="to_state_known"),
+    Index(None, "order_id", "id"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("step", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    _ts("available_at", nullable=False, default_now=True),
+    Column("lease_owner", Text),
+    _ts("lease_until"),
+    Column("fence", BigInteger, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("done_at"),
+    CheckConstraint(_in_list("step", STEP_NAMES), name="step_known"),
+    CheckConstraint(_in_list("status", OUTBOX_STATUSES), name="status_known"),
+    CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+    CheckConstraint("fence >= 0", name="fence_nonnegative"),
+    CheckConstraint(
+        "(status = 'in_flight') = (lease_owner IS NOT NULL AND lease_until IS NOT NULL)",
+        name="lease_iff_in_flight",
+    ),
+    CheckConstraint("(status = 'done') = (done_at IS NOT NULL)", name="done_at_iff_done"),
+    # A step runs once per order: a second row for it would be a second effect.
+    UniqueConstraint("order_id", "step"),
+    Index(
+        "ix_outbox_claimable",
+        "available_at",
+        "id",
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index(
+        "ix_outbox_leases",
+        "lease_until",
+        postgresql_where=text("status = 'in_flight'"),
+    ),
+    Index("ix_outbox_dead", "id", postgresql_where=text("status = 'dead'")),
+    Index("ix_outbox_done_at", "done_at", postgresql_where=text("status = 'done'")),
+)
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("provider_ref", Text),  # PaymentIntent or Refund id
+    Column("amount_cents", Integer, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("idempotency_key", Text, nullable=False),
+    Column("failure_code", Text),
+    _ts("created_at", nullable=False, default_now=True),
+    CheckConstraint(_in_list("kind", PAYMENT_KINDS), name="kind_known"),
+    CheckConstraint(_in_list("status", PAYMENT_STATUSES), name="status_known"),
+    CheckConstraint("amount_cents > 0", name="amount_positive"),
+    CheckConstraint(CURRENCY_CHECK, name="currency_iso"),
+    CheckConstraint("status <> 'succeeded' OR provider_ref IS NOT NULL", name="succeeded_has_ref"),
+    # At most one captured charge and one refund per order, enforced here.
+    Index(
+        "uq_payments_order_kind_succeeded",
+        "order_id",
+        "kind",
+        unique=True,
+        postgresql_where=text("status = 'succeeded'"),
+    ),
+    Index(None, "idempotency_key"),
+)
+
+shipments = Table(
+    "shipments",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="created"),
+    Column("carrier_ref", Text, nullable=False),
+    Column("tracking_number", Text),
+    Column("label_url", Text),
+    Column("idempotency_key", Text, nullable=False),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("cancelled_at"),
+    CheckConstraint(_in_list("kind", SHIPMENT_KINDS), name="kind_known"),
+    CheckConstraint(_in_list("status", SHIPMENT_STATUSES), name="status_known"),
+    CheckConstraint(
+        "(status = 'cancelled') = (cancelled_at IS NOT NULL)", name="cancelled_at_iff_cancelled"
+    ),
+    UniqueConstraint("order_id", "kind"),
+)
+
+# Stripe-style idempotency keys for POST requests, scoped per user.  The row
+# records how far the request got (recovery point) and the first answer, which
+# a replay returns byte for byte.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("user_id", UUID(as_uuid=True), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("request_method", Text, nullable=False),
+    Column("request_path", Text, nullable=False),
+    Column("request_hash", Text, nullable=False),
+    Column("recovery_point", Text, nullable=False, server_default="started"),
+    Column("locked_at", TIMESTAMP(timezone=True)),
+    Column("response_status", Integer),
+    Column("response_body", Text),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="SET NULL")),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("last_run_at", nullable=False, default_now=True),
+    CheckConstraint("char_length(key) BETWEEN 1 AND 255", name="key_length"),
+    CheckConstraint(_in_list("recovery_point", RECOVERY_POINTS), name="recovery_point_known"),
+    CheckConstraint(
+        "(recovery_point = 'finished') = (response_status IS NOT NULL)",
+        name="finished_has_response",
+    ),
+    CheckConstraint(
+        "response_status IS NULL OR response_status BETWEEN 100 AND 599", name="status_http"
+    ),
+    UniqueConstraint("user_id", "key"),
+    Index(None, "created_at"),
+)

@@ -1,0 +1,173 @@
+-- lock_order --
+-- Lock one order for a state change and read its state, history and outbox steps (one round trip)
+SELECT o.id, o.state,
+       ARRAY(SELECT ob.step FROM outbox ob WHERE ob.order_id = o.id ORDER BY ob.id) AS steps,
+       COALESCE(
+           (SELECT json_agg(json_build_object(
+                        'from_state', h.from_state, 'to_state', h.to_state,
+                        'event', h.event, 'detail', h.detail) ORDER BY h.id)
+              FROM order_history h
+             WHERE h.order_id = o.id),
+           '[]'::json) AS history
+  FROM orders o
+ WHERE o.id = %(order_id)s
+   FOR UPDATE OF o;
+
+-- transition_order --
+-- Move an order from one state to another, guarded by the old state; record history and emitted outbox rows
+WITH moved AS (
+    UPDATE orders
+       SET state = %(to_state)s, updated_at = now()
+     WHERE id = %(order_id)s AND state = %(from_state)s
+ RETURNING id
+), history AS (
+    INSERT INTO order_history (order_id, from_state, to_state, event, detail)
+    SELECT id, %(from_state)s, %(to_state)s, %(event)s, %(detail)s FROM moved
+), emitted AS (
+    INSERT INTO outbox (order_id, step, idempotency_key)
+    SELECT moved.id, s.step, moved.id || ':' || s.step
+      FROM moved CROSS JOIN unnest(%(steps)s::text[]) AS s(step)
+ RETURNING id
+)
+SELECT (SELECT count(*) FROM moved) AS moved,
+       (SELECT count(*) FROM emitted) AS emitted,
+       (SELECT pg_notify('orderflow_outbox', '') WHERE EXISTS (SELECT 1 FROM emitted)) AS notified;
+
+-- reserve_stock --
+-- Take every line's quantity from products.available, or none if any line is short (locks SKUs in order)
+WITH wanted AS (
+    SELECT w.sku, sum(w.qty)::int AS qty
+      FROM unnest(%(skus)s::text[], %(qtys)s::int[]) AS w(sku, qty)
+  GROUP BY w.sku
+), locked AS (
+    SELECT p.sku, p.available, p.price_cents, p.currency, wanted.qty
+      FROM products p JOIN wanted USING (sku)
+  ORDER BY p.sku
+       FOR UPDATE OF p
+), verdict AS (
+    SELECT (SELECT count(*) FROM locked) = (SELECT count(*) FROM wanted)
+           AND COALESCE(bool_and(available >= qty), false) AS ok
+      FROM locked
+), taken AS (
+    UPDATE products p
+       SET available = p.available - locked.qty, updated_at = now()
+      FROM locked, verdict
+     WHERE p.sku = locked.sku AND verdict.ok
+ RETURNING p.sku
+)
+SELECT locked.sku, locked.qty, locked.available, locked.price_cents, locked.currency,
+       (SELECT ok FROM verdict) AS ok,
+       (SELECT count(*) FROM taken) AS taken
+  FROM locked
+ ORDER BY locked.sku;
+
+-- insert_order --
+-- Create an order in its first state with its lines, reservation, stock ledger rows, history and first outbox rows
+WITH new_order AS (
+    INSERT INTO orders (id, user_id, cart_id, state, total_cents, currency, payment_method_id,
+                        shipping_address, email, idempotency_key)
+    VALUES (%(order_id)s, %(user_id)s, %(cart_id)s, %(state)s, %(total_cents)s, %(currency)s,
+            %(payment_method_id)s, %(shipping_address)s, %(email)s, %(idempotency_key)s)
+ RETURNING id, created_at
+), lines AS (
+    INSERT INTO order_lines (order_id, sku, qty, unit_price_cents)
+    SELECT new_order.id, l.sku, l.qty, l.price
+      FROM new_order,
+           unnest(%(skus)s::text[], %(qtys)s::int[], %(prices)s::int[]) AS l(sku, qty, price)
+), reservation AS (
+    INSERT INTO reservations (order_id, expires_at, created_at)
+    SELECT id, created_at + make_interval(secs => %(ttl_seconds)s), created_at FROM new_order
+ RETURNING expires_at
+), ledger AS (
+    INSERT INTO stock_ledger (sku, order_id, kind, delta)
+    SELECT l.sku, new_order.id, 'reserve', -l.qty
+      FROM new_order, unnest(%(skus)s::text[], %(qtys)s::int[]) AS l(sku, qty)
+), history AS (
+    INSERT INTO order_history (order_id, from_state, to_state, event, detail)
+    SELECT id, NULL, %(state)s, %(event)s, %(detail)s FROM new_order
+), emitted AS (
+    INSERT INTO outbox (order_id, step, idempotency_key)
+    SELECT new_order.id, s.step, new_order.id || ':' || s.step
+      FROM new_order CROSS JOIN unnest(%(steps)s::text[]) AS s(step)
+ RETURNING id
+)
+SELECT new_order.id, new_order.created_at, reservation.expires_at,
+       (SELECT count(*) FROM emitted) AS emitted,
+       (SELECT pg_notify('orderflow_outbox', '') WHERE EXISTS (SELECT 1 FROM emitted)) AS notified
+  FROM new_order, reservation;
+
+-- release_reservation --
+-- Give a live reservation's stock back, once (guarded by released_at and the ledger's unique key)
+WITH released AS (
+    UPDATE reservations
+       SET released_at = now()
+     WHERE order_id = %(order_id)s AND released_at IS NULL
+ RETURNING order_id
+), ledger AS (
+    INSERT INTO stock_ledger (sku, order_id, kind, delta)
+    SELECT ol.sku, ol.order_id, 'release', ol.qty
+      FROM order_lines ol JOIN released USING (order_id)
+ RETURNING sku, delta
+)
+UPDATE products p
+   SET available = p.available + ledger.delta, updated_at = now()
+  FROM ledger
+ WHERE p.sku = ledger.sku
+RETURNING p.sku, ledger.delta;
+
+-- order_history --
+-- One order's history, oldest first
+SELECT id, from_state, to_state, event, detail, at
+  FROM order_history
+ WHERE order_id = %(order_id)s
+ ORDER BY id;
+
+-- order_outbox --
+-- One order's outbox rows, oldest first
+SELECT id, step, status, attempts, idempotency_key, last_error, created_at, done_at
+  FROM outbox
+ WHERE order_id = %(order_id)s
+ ORDER BY id;
+
+-- recent_orders --
+-- The newest orders with their state, for the demo and operators
+SELECT id, user_id, state, total_cents, currency, created_at, updated_at
+  FROM orders
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
+-- finish_pending_step --
+-- Mark an order's pending outbox row for a step done (the demo's stand-in for the worker)
+UPDATE outbox
+   SET status = 'done', done_at = now()
+ WHERE order_id = %(order_id)s AND step = %(step)s AND status = 'pending'
+RETURNING id;
+
+-- get_order --
+-- One order's headline fields
+SELECT id, user_id, state, total_cents, currency, created_at, updated_at
+  FROM orders
+ WHERE id = %(order_id)s;
+
+-- consume_reservation --
+-- Turn a live reservation into sold stock once payment is captured
+UPDATE reservations
+   SET consumed_at = now()
+ WHERE order_id = %(order_id)s AND consumed_at IS NULL AND released_at IS NULL
+RETURNING order_id;
+
+-- restock_order --
+-- Put a returned order's lines back on sale, once (the ledger's unique key guards it)
+WITH ledger AS (
+    INSERT INTO stock_ledger (sku, order_id, kind, delta)
+    SELECT sku, order_id, 'restock', qty
+      FROM order_lines
+     WHERE order_id = %(order_id)s
+    ON CONFLICT (order_id, sku, kind) WHERE order_id IS NOT NULL DO NOTHING
+ RETURNING sku, delta
+)
+UPDATE products p
+   SET available = p.available + ledger.delta, updated_at = now()
+  FROM ledger
+ WHERE p.sku = ledger.sku
+RETURNING p.sku, ledger.delta;

@@ -1,0 +1,111 @@
+"""Test databases: one migrated template per session, copied for each test.
+
+With TEST_DATABASE_URL set, every database is created on that server; without
+it, on an embedded server under ./.orderflow/test/.  Tests only ever touch
+databases they created (named of_test_*), and drop them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from orderflow import PROJECT_ROOT, migrate
+from orderflow.catalog import load_catalog
+from orderflow.db import connect, libpq_url, with_database
+from orderflow.embedded import embedded_url
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        return libpq_url(url)
+    return embedded_url(PROJECT_ROOT / ".orderflow" / "test")
+
+
+def _admin(server_url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(server_url, autocommit=True)
+
+
+def create_database(server_url: str, template: str | None = None) -> tuple[str, str]:
+    name = f"of_test_{uuid.uuid4().hex[:12]}"
+    with _admin(server_url) as admin:
+        if template:
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        else:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name, with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    assert name.startswith("of_test_"), name  # never drop anything we did not create
+    with _admin(server_url) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name, url = create_database(server_url)
+    try:
+        migrate.upgrade(url)
+        with connect(url) as conn:
+            load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
+        yield name
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture()
+def empty_db_url(server_url: str) -> Iterator[str]:
+    """A database with nothing in it (for migration tests)."""
+    name, url = create_database(server_url)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture()
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh migrated database with the sample catalog."""
+    name, url = create_database(server_url, template_db)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture(scope="module")
+def module_db_url(server_url: str, template_db: str) -> Iterator[str]:
+    name, url = create_database(server_url, template_db)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture()
+def conn(db_url: str) -> Iterator[Conn]:
+    with connect(db_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def sample_catalog() -> Path:
+    return PROJECT_ROOT / "catalog" / "sample.csv"

@@ -1,0 +1,65 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+
+from orderflow.orders import LineRequest, PlacedOrder, create_order
+
+ADDRESS = {
+    "name": "Grace Hopper",
+    "line1": "1 Navy Yard",
+    "city": "Arlington",
+    "postal_code": "22202",
+    "country": "US",
+}
+
+
+def place(
+    conn: psycopg.Connection[Any],
+    lines: list[tuple[str, int]] | None = None,
+    *,
+    user_id: uuid.UUID | None = None,
+    key: str | None = None,
+) -> PlacedOrder:
+    return create_order(
+        conn,
+        user_id=user_id or uuid.uuid4(),
+        lines=[LineRequest(sku, qty) for sku, qty in (lines or [("MUG-01", 1)])],
+        shipping_address=ADDRESS,
+        email="grace@example.com",
+        payment_method_id="pm_card_visa",
+        idempotency_key=key or str(uuid.uuid4()),
+        ttl_seconds=900,
+    )
+
+
+def snapshot(conn: psycopg.Connection[Any], order_id: str) -> dict[str, Any]:
+    """Everything the state machine writes for one order."""
+    state = conn.execute("SELECT state FROM orders WHERE id = %s", (order_id,)).fetchone()
+    history = conn.execute(
+        "SELECT from_state, to_state, event, detail FROM order_history"
+        " WHERE order_id = %s ORDER BY id",
+        (order_id,),
+    ).fetchall()
+    outbox = conn.execute(
+        "SELECT step, idempotency_key, status FROM outbox WHERE order_id = %s ORDER BY id",
+        (order_id,),
+    ).fetchall()
+    return {"state": state, "history": history, "outbox": outbox}
+
+
+def outbox_steps(conn: psycopg.Connection[Any], order_id: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT step FROM outbox WHERE order_id = %s ORDER BY id", (order_id,)
+    ).fetchall()
+    return [r["step"] for r in rows]
+
+
+def state_of(conn: psycopg.Connection[Any], order_id: str) -> str:
+    row = conn.execute("SELECT state FROM orders WHERE id = %s", (order_id,)).fetchone()
+    assert row is not None
+    return str(row["state"])

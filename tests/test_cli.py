@@ -1,0 +1,143 @@
+"""The command line: graph from the running table, demo, catalog, embedded default."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from orderflow import PROJECT_ROOT
+from orderflow.cli import main
+from statemachine.definition import TRANSITIONS, OrderState
+
+
+def _run(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orderflow.cli", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ORDERFLOW_FAILPOINTS")}
+    env.update(extra)
+    return env
+
+
+def test_graph_draws_exactly_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stateDiagram-v2\n")
+    edges = set(re.findall(r"^\s+(\S+) --> (\S+) : (\w+)", out, re.MULTILINE))
+    expected = {
+        ("[*]" if t.source is None else t.source.value, t.dest.value, t.event) for t in TRANSITIONS
+    }
+    assert edges == expected
+    declared = set(re.findall(r'^\s+state "\w+" as (\w+)$', out, re.MULTILINE))
+    assert declared == {s.value for s in OrderState}
+
+
+def test_demo_prints_orders_and_their_states(db_url: str) -> None:
+    result = _run(["demo"], _env(DATABASE_URL=db_url))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    states = re.findall(r"^order \w+: (\w+)$", out, re.MULTILINE)
+    assert sorted(states) == sorted(["confirmed", "cancelled", "cancelled", "returned", "reserved"])
+    assert "out of stock: LAMP-01" in out
+    assert "compensating -> cancelled" in out
+
+
+def test_catalog_load_rejects_a_bad_file(db_url: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sku,name,price_cents,currency,available\nX,thing,-5,EUR,1\n")
+    result = _run(["catalog", "load", str(bad)], _env(DATABASE_URL=db_url))
+    assert result.returncode == 2
+    assert "must not be negative" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_embedded_default_with_no_database_url(tmp_path: Path) -> None:
+    """No DATABASE_URL: an embedded server under ORDERFLOW_HOME, migrated on first use."""
+    home = tmp_path / "of"
+    env = _env(ORDERFLOW_HOME=str(home))
+    result = _run(["catalog", "load", str(PROJECT_ROOT / "catalog" / "sample.csv")], env)
+    assert result.returncode == 0, result.stderr
+    assert "loaded 8 products" in result.stdout
+    assert (home / "pgdata" / "PG_VERSION").exists()
+    assert (home / "run" / ".lockfile").exists()  # the lock lives in our folder, not /tmp
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("runuser") is None,
+    reason="needs root to run a command as an ordinary user",
+)
+def test_embedded_default_as_an_ordinary_user_despite_a_foreign_lockfile() -> None:
+    """pgserver's shared lock file, left in the temp folder by another user, must not matter."""
+    python = _interpreter_for_others()
+    if python is None:
+        pytest.skip("no Python interpreter readable by an ordinary user")
+    home = Path(tempfile.mkdtemp(prefix="orderflow-user-"))
+    shutil.chown(home, "nobody")
+    foreign = Path(tempfile.gettempdir()) / ".lockfile"
+    created = not foreign.exists()
+    if created:
+        foreign.touch(mode=0o600)
+    try:
+        site = sysconfig.get_paths()["purelib"]
+        result = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "env",
+                "-u",
+                "DATABASE_URL",
+                f"HOME={home}",
+                f"ORDERFLOW_HOME={home}/of",
+                f"PYTHONPATH={PROJECT_ROOT}:{site}",
+                python,
+                "-m",
+                "orderflow.cli",
+                "migrate",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=home,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "migrated to head" in result.stdout
+        assert (home / "of" / "pgdata").stat().st_uid != 0
+    finally:
+        if created:
+            foreign.unlink()
+        subprocess.run(["pkill", "-u", "nobody", "-f", str(home)], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _interpreter_for_others() -> str | None:
+    """This venv's interpreter if others may run it, else the system one of the same version."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (os.path.realpath(sys.executable), f"/usr/bin/{version}"):
+        probe = subprocess.run(
+            ["runuser", "-u", "nobody", "--", candidate, "-c", "pass"],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return candidate
+    return None

@@ -1,0 +1,308 @@
+"""advance(): each event writes exactly its outbox rows, atomically, or nothing."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from orderflow import failpoints
+from orderflow.db import connect
+from sql import QUERIES
+from statemachine.definition import TRANSITIONS
+from statemachine.engine import advance
+from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound
+from tests.helpers import outbox_steps, place, snapshot, state_of
+
+Ev = tuple[str, dict[str, Any]]
+
+PC: Ev = ("payment_captured", {})
+SC: Ev = ("shipment_created", {})
+CS: Ev = ("confirmation_sent", {})
+RR: Ev = ("return_requested", {"reason": "too big"})
+RLC: Ev = ("return_label_created", {})
+EXPIRE: Ev = ("reservation_expired", {})
+DEAD: Ev = ("step_dead_lettered", {})
+REDRIVE: Ev = ("redrive", {})
+RETURNED: list[Ev] = [PC, SC, CS, RR, RLC, ("return_received", {})]
+
+
+def done(step: str) -> Ev:
+    return ("compensation_done", {"step": step})
+
+
+# (prefix of events from `reserved`, the event, expected state, expected NEW outbox steps).
+# The expectations are written out by hand: they are the oracle, not the table.
+CASES: list[tuple[list[Ev], Ev, str, str, list[str]]] = [
+    ([], PC, "reserved", "paid", ["ship_order"]),
+    (
+        [],
+        ("payment_failed", {"code": "card_declined"}),
+        "reserved",
+        "compensating",
+        ["release_inventory"],
+    ),
+    ([], EXPIRE, "reserved", "compensating", ["release_inventory"]),
+    ([EXPIRE], PC, "compensating", "compensating", []),
+    ([EXPIRE, done("release_inventory")], PC, "cancelled", "compensating", ["refund_payment"]),
+    ([EXPIRE, DEAD], PC, "needs_attention", "needs_attention", []),
+    ([PC], SC, "paid", "shipped", ["send_confirmation"]),
+    ([PC], ("shipment_failed", {}), "paid", "compensating", ["refund_payment"]),
+    (
+        [PC],
+        ("shipment_failed", {"effects_done": ["ship_order"]}),
+        "paid",
+        "compensating",
+        ["cancel_shipment"],
+    ),
+    ([PC, SC], CS, "shipped", "confirmed", []),
+    ([PC, SC, CS], RR, "confirmed", "return_requested", ["create_return_label"]),
+    ([PC, SC, CS, RR], RLC, "return_requested", "awaiting_return", []),
+    (
+        [PC, SC, CS, RR, RLC],
+        ("return_received", {}),
+        "awaiting_return",
+        "returned",
+        ["refund_return", "restock_inventory"],
+    ),
+    (
+        [PC, ("shipment_failed", {})],
+        done("refund_payment"),
+        "compensating",
+        "compensating",
+        ["release_inventory"],
+    ),
+    ([("payment_failed", {})], done("release_inventory"), "compensating", "cancelled", []),
+    ([EXPIRE, PC], done("release_inventory"), "compensating", "compensating", ["refund_payment"]),
+    ([PC, SC], DEAD, "shipped", "needs_attention", []),
+    ([PC, SC, CS, RR], DEAD, "return_requested", "needs_attention", []),
+    ([*RETURNED], DEAD, "returned", "needs_attention", []),
+    ([EXPIRE], DEAD, "compensating", "needs_attention", []),
+    ([PC, SC, DEAD], REDRIVE, "needs_attention", "shipped", []),
+    ([PC, SC, CS, RR, DEAD], REDRIVE, "needs_attention", "return_requested", []),
+    ([*RETURNED, DEAD], REDRIVE, "needs_attention", "returned", []),
+    ([EXPIRE, DEAD], REDRIVE, "needs_attention", "compensating", []),
+]
+
+
+@pytest.mark.parametrize(("prefix", "event", "source", "state", "new_steps"), CASES)
+def test_event_writes_exactly_its_outbox_rows(
+    conn: psycopg.Connection[Any],
+    prefix: list[Ev],
+    event: Ev,
+    source: str,
+    state: str,
+    new_steps: list[str],
+) -> None:
+    order = place(conn)
+    for name, detail in prefix:
+        advance(conn, order.id, name, detail)
+    before = snapshot(conn, order.id)
+    assert before["state"]["state"] == source
+
+    outcome = advance(conn, order.id, event[0], event[1])
+
+    after = snapshot(conn, order.id)
+    assert after["state"]["state"] == state == outcome.dest.value
+    assert [r["step"] for r in after["outbox"][len(before["outbox"]) :]] == new_steps
+    assert after["outbox"][: len(before["outbox"])] == before["outbox"]
+    assert len(after["history"]) == len(before["history"]) + 1
+    last = after["history"][-1]
+    assert (last["from_state"], last["to_state"], last["event"]) == (source, state, event[0])
+    assert last["detail"] == event[1]
+    for row in after["outbox"]:
+        assert row["idempotency_key"] == f"{order.id}:{row['step']}"
+
+
+def test_cases_cover_every_transition_of_the_table() -> None:
+    """A new row in the table must come with a case above."""
+    covered = {(event[0], source, dest) for _, event, source, dest, _ in CASES}
+    table = {(t.event, t.source.value, t.dest.value) for t in TRANSITIONS if t.source is not None}
+    assert table == covered, (table - covered, covered - table)
+
+
+def test_illegal_event_raises_and_writes_nothing(conn: psycopg.Connection[Any]) -> None:
+    order = place(conn)
+    before = snapshot(conn, order.id)
+    for event in (
+        "confirmation_sent",
+        "shipment_created",
+        "return_received",
+        "redrive",
+        "nonsense",
+    ):
+        with pytest.raises(IllegalTransition):
+            advance(conn, order.id, event)
+    assert snapshot(conn, order.id) == before
+
+
+def test_compensation_that_is_not_owed_is_refused(conn: psycopg.Connection[Any]) -> None:
+    order = place(conn)
+    advance(conn, order.id, "payment_failed")
+    before = snapshot(conn, order.id)
+    for detail in ({"step": "refund_payment"}, {"step": "cancel_shipment"}, {}):
+        with pytest.raises(InvalidEventDetail):
+            advance(conn, order.id, "compensation_done", detail)
+    assert snapshot(conn, order.id) == before
+
+
+def test_unknown_order(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(OrderNotFound):
+        advance(conn, "01NOSUCHORDER0000000000000", "payment_captured")
+
+
+def test_failure_after_the_state_update_leaves_nothing(conn: psycopg.Connection[Any]) -> None:
+    order = place(conn)
+    before = snapshot(conn, order.id)
+    with failpoints.armed("advance.after_write"), pytest.raises(failpoints.FailpointHit):
+        advance(conn, order.id, "payment_captured")
+    assert snapshot(conn, order.id) == before
+    # and the order still moves normally afterwards
+    advance(conn, order.id, "payment_captured")
+    assert outbox_steps(conn, order.id) == ["charge_payment", "ship_order"]
+
+
+def test_caller_transaction_rollback_undoes_the_event(conn: psycopg.Connection[Any]) -> None:
+    """The worker joins advance() to its own transaction; if that fails, nothing stays."""
+    order = place(conn)
+    before = snapshot(conn, order.id)
+    with pytest.raises(RuntimeError), conn.transaction():
+        advance(conn, order.id, "payment_captured")
+        assert state_of(conn, order.id) == "paid"  # visible inside the transaction
+        raise RuntimeError("the worker's commit failed")
+    assert snapshot(conn, order.id) == before
+
+
+def test_guarded_update_refuses_a_stale_source_state(conn: psycopg.Connection[Any]) -> None:
+    """The SQL itself, not only Python, refuses to move an order from a state it is not in."""
+    order = place(conn)
+    before = snapshot(conn, order.id)
+    row = conn.execute(
+        QUERIES["transition_order"],
+        {
+            "order_id": order.id,
+            "from_state": "paid",  # stale: the order is `reserved`
+            "to_state": "shipped",
+            "event": "shipment_created",
+            "detail": Jsonb({}),
+            "steps": ["send_confirmation"],
+        },
+    ).fetchone()
+    assert row is not None and row["moved"] == 0 and row["emitted"] == 0
+    assert snapshot(conn, order.id) == before
+
+
+def test_notify_is_sent_on_commit_only(db_url: str, conn: psycopg.Connection[Any]) -> None:
+    with connect(db_url) as listener:
+        listener.execute("LISTEN orderflow_outbox")
+        order = place(conn)
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
+            "orderflow_outbox"
+        ]
+        with pytest.raises(RuntimeError), conn.transaction():
+            advance(conn, order.id, "payment_captured")
+            raise RuntimeError
+        assert list(listener.notifies(timeout=0.3)) == []
+        advance(conn, order.id, "payment_captured")
+        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("payment_captured", "payment_captured"),
+        ("payment_captured", "reservation_expired"),
+        ("reservation_expired", "payment_captured"),
+        ("payment_failed", "payment_captured"),
+    ],
+)
+def test_two_connections_racing_on_one_order(
+    db_url: str, conn: psycopg.Connection[Any], first: str, second: str
+) -> None:
+    """The first holds the order's lock; the second waits, then gets the named error."""
+    order = place(conn)
+    second_started = threading.Event()
+    second_result: list[object] = []
+
+    def fire_second() -> None:
+        with connect(db_url) as other:
+            second_started.set()
+            try:
+                second_result.append(advance(other, order.id, second))
+            except IllegalTransition as exc:
+                second_result.append(exc)
+
+    with connect(db_url) as one, one.transaction():
+        advance(one, order.id, first)
+        thread = threading.Thread(target=fire_second)
+        thread.start()
+        second_started.wait(5)
+        # The second must be blocked on our row lock, not finished.
+        _wait_for_lock_waiter(conn, order.id)
+        assert second_result == []
+    thread.join(10)
+
+    history = snapshot(conn, order.id)["history"]
+    if first == "reservation_expired" or first == "payment_failed":
+        # a capture after expiry is recorded in compensating, never lost
+        assert [h["event"] for h in history] == ["place", first, second]
+        assert history[-1]["to_state"] == "compensating"
+        assert not isinstance(second_result[0], IllegalTransition)
+    else:
+        assert isinstance(second_result[0], IllegalTransition)
+        assert [h["event"] for h in history] == ["place", first]
+    _assert_path(history)
+
+
+def _wait_for_lock_waiter(conn: psycopg.Connection[Any], order_id: str) -> None:
+    for _ in range(200):
+        row = conn.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()
+        if row and row["n"] >= 1:
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError("the second connection never waited for the order's lock")
+
+
+def _assert_path(history: list[dict[str, Any]]) -> None:
+    edges = {(t.source.value if t.source else None, t.event, t.dest.value) for t in TRANSITIONS}
+    previous = None
+    for h in history:
+        assert h["from_state"] == previous
+        assert (h["from_state"], h["event"], h["to_state"]) in edges
+        previous = h["to_state"]
+
+
+def test_many_connections_free_for_all(db_url: str, conn: psycopg.Connection[Any]) -> None:
+    """Eight threads fire racing events; history stays a path and state matches it."""
+    orders = [place(conn).id for _ in range(10)]
+    events = ["payment_captured", "reservation_expired", "payment_failed", "shipment_created"]
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        with connect(db_url) as c:
+            barrier.wait()
+            for n, order_id in enumerate(orders):
+                try:
+                    advance(c, order_id, events[(i + n) % len(events)])
+                except IllegalTransition:
+                    pass
+                except BaseException as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    for order_id in orders:
+        snap = snapshot(conn, order_id)
+        _assert_path(snap["history"])
+        assert snap["history"][-1]["to_state"] == snap["state"]["state"]
