@@ -60,6 +60,61 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    if not settings.jwt_secret:
+        print(
+            "orderflow serve: set JWT_SECRET (the HS256 secret of bearer tokens)", file=sys.stderr
+        )
+        return 2
+    from orderflow import migrate
+    from orderflow.db import resolve_url
+
+    url = resolve_url(settings)
+    migrate.upgrade(url)
+    uvicorn.run(
+        create_app(settings, database_url=url),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+    )
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    import uuid
+
+    from app.auth import mint_token
+
+    if not settings.jwt_secret:
+        print("orderflow token: set JWT_SECRET", file=sys.stderr)
+        return 2
+    try:
+        user = uuid.UUID(args.user)
+    except ValueError:
+        print("orderflow token: --user must be a UUID", file=sys.stderr)
+        return 2
+    token = mint_token(
+        user,
+        secret=settings.jwt_secret,
+        audience=settings.jwt_audience,
+        admin=args.admin,
+        ttl_s=args.ttl,
+    )
+    print(token)
+    return 0
+
+
+def cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.http import main as bench_http
+
+    return bench_http(args.seconds, args.concurrency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orderflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = catalog_sub.add_parser("load", help="upsert products from a CSV file")
     p.add_argument("file")
     p.set_defaults(func=cmd_catalog_load)
+
+    p = sub.add_parser("serve", help="serve the HTTP API with uvicorn")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--no-access-log", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="mint a bearer token for local use")
+    p.add_argument("--user", required=True, help="the user's UUID (the token's sub)")
+    p.add_argument("--admin", action="store_true", help="add role=admin")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("bench", help="benchmarks; the last line of output is JSON")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("http", help="POST /v1/orders against a bare INSERT endpoint")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.set_defaults(func=cmd_bench_http)
 
     p = sub.add_parser("demo", help="run the saga on sample orders and print them")
     p.set_defaults(func=cmd_demo)

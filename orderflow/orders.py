@@ -9,13 +9,21 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from ulid import ULID
 
 from orderflow import failpoints
-from sql import QUERIES
-from statemachine.errors import MixedCurrency, OutOfStock, UnknownSku
+from sql import QUERIES, atomic
+from statemachine.errors import (
+    CartAlreadyOrdered,
+    CartNotFound,
+    MixedCurrency,
+    OrderTooLarge,
+    OutOfStock,
+    UnknownSku,
+)
 from statemachine.machine import PLACE_TRANSITION
 
 
@@ -43,47 +51,95 @@ class PlacedOrder:
     reservation_expires_at: datetime
 
 
-def create_order(
+@dataclass(frozen=True)
+class Reservation:
+    """Stock taken for an order that is about to be inserted (same transaction)."""
+
+    lines: tuple[PricedLine, ...]
+    currency: str
+    total_cents: int
+    cart_id: str | None = None
+    shipping_address: Mapping[str, Any] | None = None  # the cart's
+    email: str | None = None  # the cart's
+
+
+def reserve(
     conn: psycopg.Connection[Any],
     *,
+    lines: Sequence[LineRequest] = (),
+    cart_id: str | None = None,
+    user_id: uuid.UUID | None = None,
+) -> Reservation:
+    """reserve_inventory: ONE statement takes every line's quantity from stock, or none.
+
+    With `cart_id` it first locks the caller's cart and reserves its lines.
+    Raises CartNotFound, CartAlreadyOrdered, UnknownSku, OutOfStock or
+    MixedCurrency.  Runs inside the caller's transaction, which must roll
+    back on any error (stock may already be taken when MixedCurrency is raised).
+    """
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        raise RuntimeError("reserve() must run inside the order's transaction")
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            QUERIES["reserve_stock"],
+            {
+                "cart_id": cart_id,
+                "user_id": user_id,
+                "skus": [line.sku for line in lines],
+                "qtys": [line.qty for line in lines],
+            },
+        ).fetchone()
+    assert row is not None  # the statement always answers one row
+    if cart_id is not None and row["cart_status"] is None:
+        raise CartNotFound(f"cart {cart_id}")
+    if cart_id is not None and row["cart_status"] != "open":
+        raise CartAlreadyOrdered(f"cart {cart_id} has already been ordered")
+    if not row["wanted_skus"]:
+        raise ValueError("an order needs at least one line")
+    locked = row["lines"]
+    if missing := sorted(set(row["wanted_skus"]) - {line["sku"] for line in locked}):
+        raise UnknownSku(missing)
+    if not row["ok"]:
+        raise OutOfStock(sorted(line["sku"] for line in locked if line["available"] < line["qty"]))
+    currencies = sorted({line["currency"] for line in locked})
+    if len(currencies) != 1:
+        raise MixedCurrency(currencies)
+    priced = tuple(PricedLine(line["sku"], line["qty"], line["price_cents"]) for line in locked)
+    return Reservation(
+        lines=priced,
+        currency=currencies[0],
+        total_cents=sum(line.qty * line.unit_price_cents for line in priced),
+        cart_id=cart_id,
+        shipping_address=row["shipping_address"],
+        email=row["email"],
+    )
+
+
+def insert_order(
+    conn: psycopg.Connection[Any],
+    reservation: Reservation,
+    *,
     user_id: uuid.UUID,
-    lines: Sequence[LineRequest],
     shipping_address: Mapping[str, Any],
     email: str | None,
     payment_method_id: str,
     idempotency_key: str,
     ttl_seconds: int,
-    cart_id: str | None = None,
 ) -> PlacedOrder:
-    """Reserve every line (or none), then create the order in `reserved` with its
-    history row and first outbox row.  Raises OutOfStock, UnknownSku or
-    MixedCurrency having written nothing."""
-    if not lines:
-        raise ValueError("an order needs at least one line")
-    skus = [line.sku for line in lines]
-    qtys = [line.qty for line in lines]
-    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        reserved = cur.execute(QUERIES["reserve_stock"], {"skus": skus, "qtys": qtys}).fetchall()
-        found = {r["sku"] for r in reserved}
-        if missing := sorted(set(skus) - found):
-            raise UnknownSku(missing)
-        if not reserved[0]["ok"]:
-            raise OutOfStock(sorted(r["sku"] for r in reserved if r["available"] < r["qty"]))
-        currencies = sorted({r["currency"] for r in reserved})
-        if len(currencies) != 1:
-            raise MixedCurrency(currencies)
-        priced = tuple(PricedLine(r["sku"], r["qty"], r["price_cents"]) for r in reserved)
-        total = sum(line.qty * line.unit_price_cents for line in priced)
-        order_id = str(ULID())
+    """The order in its first state with lines, reservation row, stock ledger, history
+    and first outbox row (one statement, in the reservation's transaction)."""
+    order_id = str(ULID())
+    priced = reservation.lines
+    with conn.cursor(row_factory=dict_row) as cur:
         created = cur.execute(
             QUERIES["insert_order"],
             {
                 "order_id": order_id,
                 "user_id": user_id,
-                "cart_id": cart_id,
+                "cart_id": reservation.cart_id,
                 "state": PLACE_TRANSITION.dest.value,
-                "total_cents": total,
-                "currency": currencies[0],
+                "total_cents": reservation.total_cents,
+                "currency": reservation.currency,
                 "payment_method_id": payment_method_id,
                 "shipping_address": Jsonb(dict(shipping_address)),
                 "email": email,
@@ -97,30 +153,65 @@ def create_order(
                 "steps": list(PLACE_TRANSITION.emits),
             },
         ).fetchone()
-        assert created is not None
-        failpoints.hit("create_order.after_write")
+    assert created is not None
+    if reservation.cart_id is not None and created["cart_marked"] != 1:
+        raise CartAlreadyOrdered(f"cart {reservation.cart_id} has already been ordered")
+    failpoints.hit("create_order.after_write")
     return PlacedOrder(
         id=order_id,
         state=PLACE_TRANSITION.dest.value,
-        total_cents=total,
-        currency=currencies[0],
+        total_cents=reservation.total_cents,
+        currency=reservation.currency,
         lines=priced,
         created_at=created["created_at"],
         reservation_expires_at=created["expires_at"],
     )
 
 
+def create_order(
+    conn: psycopg.Connection[Any],
+    *,
+    user_id: uuid.UUID,
+    lines: Sequence[LineRequest],
+    shipping_address: Mapping[str, Any],
+    email: str | None,
+    payment_method_id: str,
+    idempotency_key: str,
+    ttl_seconds: int,
+    max_total_cents: int | None = None,
+) -> PlacedOrder:
+    """Reserve every line (or none), then create the order in `reserved`, in one
+    transaction.  Raises OutOfStock, UnknownSku, MixedCurrency or OrderTooLarge
+    having written nothing."""
+    if not lines:
+        raise ValueError("an order needs at least one line")
+    with atomic(conn):
+        reservation = reserve(conn, lines=lines)
+        if max_total_cents is not None and reservation.total_cents > max_total_cents:
+            raise OrderTooLarge(reservation.total_cents, max_total_cents)
+        return insert_order(
+            conn,
+            reservation,
+            user_id=user_id,
+            shipping_address=shipping_address,
+            email=email,
+            payment_method_id=payment_method_id,
+            idempotency_key=idempotency_key,
+            ttl_seconds=ttl_seconds,
+        )
+
+
 def release_inventory(conn: psycopg.Connection[Any], order_id: str) -> int:
     """Give the order's live reservation back to stock; a second call does nothing.
 
     Returns the number of SKUs put back."""
-    with conn.transaction():
+    with atomic(conn):
         return len(conn.execute(QUERIES["release_reservation"], {"order_id": order_id}).fetchall())
 
 
 def consume_reservation(conn: psycopg.Connection[Any], order_id: str) -> bool:
     """Payment captured: the reserved stock is sold.  False if it was not live."""
-    with conn.transaction():
+    with atomic(conn):
         return (
             conn.execute(QUERIES["consume_reservation"], {"order_id": order_id}).fetchone()
             is not None
@@ -129,5 +220,5 @@ def consume_reservation(conn: psycopg.Connection[Any], order_id: str) -> bool:
 
 def restock_order(conn: psycopg.Connection[Any], order_id: str) -> int:
     """Return received: put the order's lines back on sale; a second call does nothing."""
-    with conn.transaction():
+    with atomic(conn):
         return len(conn.execute(QUERIES["restock_order"], {"order_id": order_id}).fetchall())

@@ -9,8 +9,12 @@ Each statement sits under a header line `-- name --` followed by a one-line
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager, nullcontext
 from importlib import resources
-from typing import LiteralString
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg.pq import TransactionStatus
 
 _HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
 
@@ -46,3 +50,15 @@ def load_queries() -> dict[str, LiteralString]:
 
 
 QUERIES: dict[str, LiteralString] = load_queries()
+
+
+def atomic(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
+    """Begin a transaction, or join the caller's without a savepoint.
+
+    Joining costs no round trip; an error anywhere then undoes the caller's
+    whole unit of work, which is what every caller here wants (a domain error
+    must leave nothing half-written).
+    """
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        return conn.transaction()
+    return nullcontext()

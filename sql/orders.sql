@@ -34,11 +34,20 @@ SELECT (SELECT count(*) FROM moved) AS moved,
        (SELECT pg_notify('orderflow_outbox', '') WHERE EXISTS (SELECT 1 FROM emitted)) AS notified;
 
 -- reserve_stock --
--- Take every line's quantity from products.available, or none if any line is short (locks SKUs in order)
-WITH wanted AS (
-    SELECT w.sku, sum(w.qty)::int AS qty
-      FROM unnest(%(skus)s::text[], %(qtys)s::int[]) AS w(sku, qty)
-  GROUP BY w.sku
+-- Lock the caller's open cart if one is named, then take every line's quantity (the cart's and/or the given lines) from stock, or none; SKUs locked in order
+WITH cart AS (
+    SELECT c.id, c.status, c.shipping_address, c.email
+      FROM carts c
+     WHERE c.id = %(cart_id)s AND c.user_id = %(user_id)s
+       FOR UPDATE
+), requested AS (
+    SELECT l.sku, l.qty
+      FROM cart_lines l JOIN cart ON cart.id = l.cart_id
+     WHERE cart.status = 'open'
+    UNION ALL
+    SELECT w.sku, w.qty FROM unnest(%(skus)s::text[], %(qtys)s::int[]) AS w(sku, qty)
+), wanted AS (
+    SELECT sku, sum(qty)::int AS qty FROM requested GROUP BY sku
 ), locked AS (
     SELECT p.sku, p.available, p.price_cents, p.currency, wanted.qty
       FROM products p JOIN wanted USING (sku)
@@ -55,14 +64,21 @@ WITH wanted AS (
      WHERE p.sku = locked.sku AND verdict.ok
  RETURNING p.sku
 )
-SELECT locked.sku, locked.qty, locked.available, locked.price_cents, locked.currency,
+SELECT (SELECT status FROM cart) AS cart_status,
+       (SELECT shipping_address FROM cart) AS shipping_address,
+       (SELECT email FROM cart) AS email,
+       ARRAY(SELECT sku FROM wanted ORDER BY sku) AS wanted_skus,
        (SELECT ok FROM verdict) AS ok,
-       (SELECT count(*) FROM taken) AS taken
-  FROM locked
- ORDER BY locked.sku;
+       (SELECT count(*) FROM taken) AS taken,
+       COALESCE(
+           (SELECT json_agg(json_build_object(
+                        'sku', sku, 'qty', qty, 'available', available,
+                        'price_cents', price_cents, 'currency', currency) ORDER BY sku)
+              FROM locked),
+           '[]'::json) AS lines;
 
 -- insert_order --
--- Create an order in its first state with its lines, reservation, stock ledger rows, history and first outbox rows
+-- Create an order in its first state with its lines, reservation, stock ledger rows, history and first outbox rows; mark its cart ordered
 WITH new_order AS (
     INSERT INTO orders (id, user_id, cart_id, state, total_cents, currency, payment_method_id,
                         shipping_address, email, idempotency_key)
@@ -74,6 +90,10 @@ WITH new_order AS (
     SELECT new_order.id, l.sku, l.qty, l.price
       FROM new_order,
            unnest(%(skus)s::text[], %(qtys)s::int[], %(prices)s::int[]) AS l(sku, qty, price)
+), ordered_cart AS (
+    UPDATE carts SET status = 'ordered', ordered_at = now()
+     WHERE id = %(cart_id)s AND status = 'open'
+ RETURNING id
 ), reservation AS (
     INSERT INTO reservations (order_id, expires_at, created_at)
     SELECT id, created_at + make_interval(secs => %(ttl_seconds)s), created_at FROM new_order
@@ -93,6 +113,7 @@ WITH new_order AS (
 )
 SELECT new_order.id, new_order.created_at, reservation.expires_at,
        (SELECT count(*) FROM emitted) AS emitted,
+       (SELECT count(*) FROM ordered_cart) AS cart_marked,
        (SELECT pg_notify('orderflow_outbox', '') WHERE EXISTS (SELECT 1 FROM emitted)) AS notified
   FROM new_order, reservation;
 
@@ -171,3 +192,51 @@ UPDATE products p
   FROM ledger
  WHERE p.sku = ledger.sku
 RETURNING p.sku, ledger.delta;
+
+-- get_order_for_user --
+-- One of the caller's orders with lines, payment and shipment references and history
+SELECT o.id, o.state, o.total_cents, o.currency, o.created_at, o.updated_at,
+       r.expires_at AS reservation_expires_at,
+       COALESCE(
+           (SELECT json_agg(json_build_object(
+                        'sku', l.sku, 'qty', l.qty, 'unit_price_cents', l.unit_price_cents)
+                        ORDER BY l.sku)
+              FROM order_lines l WHERE l.order_id = o.id),
+           '[]'::json) AS lines,
+       (SELECT json_build_object('payment_intent_id', p.provider_ref, 'status', p.status)
+          FROM payments p
+         WHERE p.order_id = o.id AND p.kind = 'charge'
+         ORDER BY p.id DESC LIMIT 1) AS payment,
+       (SELECT json_build_object('refund_id', p.provider_ref, 'status', p.status,
+                                 'amount_cents', p.amount_cents)
+          FROM payments p
+         WHERE p.order_id = o.id AND p.kind = 'refund'
+         ORDER BY p.id DESC LIMIT 1) AS refund,
+       (SELECT json_build_object('shipment_id', s.carrier_ref, 'status', s.status,
+                                 'tracking_number', s.tracking_number, 'label_url', s.label_url)
+          FROM shipments s
+         WHERE s.order_id = o.id AND s.kind = 'outbound') AS shipment,
+       COALESCE(
+           (SELECT json_agg(json_build_object(
+                        'from_state', h.from_state, 'to_state', h.to_state,
+                        'event', h.event, 'at', h.at) ORDER BY h.id)
+              FROM order_history h WHERE h.order_id = o.id),
+           '[]'::json) AS history
+  FROM orders o
+  LEFT JOIN reservations r ON r.order_id = o.id
+ WHERE o.id = %(order_id)s AND o.user_id = %(user_id)s;
+
+-- list_orders_for_user --
+-- The caller's orders, newest first, after a keyset cursor, optionally in one state
+SELECT o.id, o.state, o.total_cents, o.currency, o.created_at, o.updated_at
+  FROM orders o
+ WHERE o.user_id = %(user_id)s
+   AND (%(state)s::text IS NULL OR o.state = %(state)s::text)
+   AND (%(after_created_at)s::timestamptz IS NULL
+        OR (o.created_at, o.id) < (%(after_created_at)s::timestamptz, %(after_id)s::text))
+ ORDER BY o.created_at DESC, o.id DESC
+ LIMIT %(limit)s;
+
+-- order_owner_state --
+-- Whether the order is the caller's, and its state
+SELECT id, state FROM orders WHERE id = %(order_id)s AND user_id = %(user_id)s;

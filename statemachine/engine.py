@@ -3,8 +3,8 @@
 In one transaction it locks the order, asks the Machine where the event leads,
 moves the order with a guarded UPDATE, appends the history row, inserts the
 outbox rows the transition emits and NOTIFYs the worker channel.  Called inside
-an open transaction (the worker finishing an outbox row) it joins it through a
-savepoint, so the caller's row update and the transition commit together.
+an open transaction (the worker finishing an outbox row) it joins it, so the
+caller's row update and the transition commit or roll back together.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from orderflow import failpoints
-from sql import QUERIES
+from sql import QUERIES, atomic
 from statemachine.errors import OrderNotFound, StaleState
 from statemachine.machine import HistoryEntry, Outcome, decide, facts_from_history
 
@@ -33,7 +33,7 @@ def advance(
     Raises OrderNotFound, IllegalTransition, InvalidEventDetail or StaleState.
     """
     detail = dict(detail or {})
-    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+    with atomic(conn), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(QUERIES["lock_order"], {"order_id": order_id}).fetchone()
         if row is None:
             raise OrderNotFound(order_id)

@@ -60,3 +60,18 @@ class MixedCurrency(OrderflowError):
     def __init__(self, currencies: list[str]) -> None:
         super().__init__(f"an order is in one currency; the lines are in {', '.join(currencies)}")
         self.currencies = currencies
+
+
+class OrderTooLarge(OrderflowError):
+    def __init__(self, total_cents: int, limit_cents: int) -> None:
+        super().__init__(f"order total {total_cents} exceeds the limit of {limit_cents} cents")
+        self.total_cents = total_cents
+        self.limit_cents = limit_cents
+
+
+class CartAlreadyOrdered(OrderflowError):
+    pass
+
+
+class CartNotFound(OrderflowError):
+    pass

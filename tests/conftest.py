@@ -109,3 +109,66 @@ def conn(db_url: str) -> Iterator[Conn]:
 @pytest.fixture(scope="session")
 def sample_catalog() -> Path:
     return PROJECT_ROOT / "catalog" / "sample.csv"
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+@pytest.fixture()
+def api_settings() -> Any:
+    from orderflow.config import Settings
+    from tests.api_helpers import JWT_SECRET
+
+    base = Settings.from_env()
+    return Settings(
+        database_url=None,
+        state_dir=base.state_dir,
+        reservation_ttl_seconds=900,
+        jwt_secret=JWT_SECRET,
+        jwt_audience="orderflow",
+    )
+
+
+@pytest.fixture()
+def client(db_url: str, api_settings: Any) -> Iterator[Any]:
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(api_settings, database_url=db_url)) as c:
+        yield c
+
+
+@pytest.fixture()
+def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
+    """A real uvicorn server on a free port, in a thread of this process."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from app.main import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(api_settings, database_url=db_url),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,112 @@
+"""Request parsing and response rendering shared by the handlers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.errors import ApiError, dumps, to_api_error
+from orderflow.idempotency import MAX_KEY_LENGTH
+
+log = logging.getLogger("orderflow.http")
+
+MAX_BODY_BYTES = 64 * 1024
+RETRY_AFTER_S = "2"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(status: int, body: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def render(status: int, value: Any) -> Response:
+    return json_response(status, dumps(value))
+
+
+def error_response(exc: BaseException) -> Response:
+    api = to_api_error(exc) or _infrastructure_error(exc)
+    return json_response(api.status, api.body(), api.headers)
+
+
+def _infrastructure_error(exc: BaseException) -> ApiError:
+    if isinstance(
+        exc,
+        psycopg_pool.PoolTimeout
+        | psycopg.OperationalError
+        | psycopg.errors.QueryCanceled
+        | psycopg.errors.TransactionRollback,
+    ):
+        # Log the class and SQLSTATE only: messages can quote row values.
+        log.warning("database unavailable: %s %s", type(exc).__name__, getattr(exc, "sqlstate", ""))
+        return ApiError(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry shortly",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    log.error("unexpected error: %s", type(exc).__name__, exc_info=_safe_exc_info(exc))
+    return ApiError(500, "internal_error", "an unexpected error occurred")
+
+
+def _safe_exc_info(exc: BaseException) -> BaseException | bool:
+    return False if isinstance(exc, psycopg.Error) else exc
+
+
+def json_endpoint(handler: Handler) -> Handler:
+    """Every outcome of a handler is a JSON answer; nothing escapes as a traceback."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return error_response(exc)
+
+    return wrapper
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON: 415 unless JSON, 413 past 64 KiB (before parsing), 400 if malformed."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"the body must not exceed {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(
+                413, "payload_too_large", f"the body must not exceed {MAX_BODY_BYTES} bytes"
+            )
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from exc
+
+
+def idempotency_key(request: Request) -> str:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        raise ApiError(400, "idempotency_key_required", "send an Idempotency-Key header")
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"the Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters",
+        )
+    return key

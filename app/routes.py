@@ -1,0 +1,386 @@
+"""HTTP handlers: parse, call one service function, render.
+
+Each route is also an `Operation` record, from which the OpenAPI document is
+generated (see app/openapi.py), so the document cannot list a route that does
+not exist or miss one that does.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app import schemas
+from app.auth import Principal, Unauthorized, authenticate
+from app.context import AppContext
+from app.errors import ApiError, dumps, to_api_error
+from app.http import Handler, idempotency_key, json_endpoint, json_response, read_json, render
+from orderflow import service
+from orderflow.idempotency import Answer, IdempotentResult, request_fingerprint, run_idempotent
+from statemachine.definition import OrderState
+
+ULID_RE = re.compile(schemas.ULID_PATTERN)
+
+
+def _ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+def _principal(request: Request, *, admin: bool = False) -> Principal:
+    ctx = _ctx(request)
+    principal = authenticate(
+        request.headers.get("authorization"),
+        secret=ctx.settings.jwt_secret or "",
+        audience=ctx.settings.jwt_audience,
+    )
+    if admin and not principal.is_admin:
+        raise ApiError(403, "forbidden", "this endpoint needs an admin token")
+    return principal
+
+
+def _path_id(request: Request, name: str) -> str:
+    value = str(request.path_params[name])
+    if not ULID_RE.match(value):
+        raise ApiError(404, "not_found", "no such resource")
+    return value
+
+
+async def _db(request: Request, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a service function on a pooled connection, off the event loop."""
+    ctx = _ctx(request)
+
+    def call() -> Any:
+        with ctx.pool.connection() as conn:
+            return fn(conn, **kwargs)
+
+    return await run_in_threadpool(call)
+
+
+def _error_answer(exc: Exception) -> Answer | None:
+    """A known error becomes the stored answer of an idempotent request."""
+    api = to_api_error(exc)
+    return Answer(api.status, api.body()) if api else None
+
+
+def _success(status: int, result: dict[str, Any]) -> Answer:
+    return Answer(status, dumps(result), order_id=result.get("id"))
+
+
+async def _idempotent(
+    request: Request,
+    principal: Principal,
+    payload: Any,
+    status: int,
+    produce: Callable[[Any], dict[str, Any]],
+) -> Response:
+    ctx = _ctx(request)
+    key = idempotency_key(request)
+    path = request.url.path
+
+    def call() -> IdempotentResult:
+        with ctx.pool.connection() as conn:
+            return run_idempotent(
+                conn,
+                user_id=principal.user_id,
+                key=key,
+                method=request.method,
+                path=path,
+                request_hash=request_fingerprint(request.method, path, payload),
+                work=lambda c: _success(status, produce(c)),
+                answer_error=_error_answer,
+                lock_timeout_s=ctx.idempotency_lock_timeout_s,
+            )
+
+    result = await run_in_threadpool(call)
+    headers = {"Idempotent-Replayed": "true"} if result.replayed else None
+    return json_response(result.status, result.body, headers)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def create_cart(request: Request) -> Response:
+    principal = _principal(request)
+    cart = schemas.CartIn.model_validate(await read_json(request))
+    body = await _db(
+        request,
+        service.create_cart,
+        user_id=principal.user_id,
+        lines=[(line.sku, line.qty) for line in cart.lines],
+        shipping_address=cart.shipping_address.model_dump(exclude_none=True),
+        email=cart.email,
+        limits=_ctx(request).limits,
+    )
+    return render(201, body)
+
+
+async def get_cart(request: Request) -> Response:
+    principal = _principal(request)
+    cart_id = _path_id(request, "cart_id")
+    return render(
+        200, await _db(request, service.get_cart, user_id=principal.user_id, cart_id=cart_id)
+    )
+
+
+async def create_order(request: Request) -> Response:
+    principal = _principal(request)
+    idempotency_key(request)  # 400 before reading the body
+    payload = await read_json(request)
+    ctx = _ctx(request)
+    key = request.headers["idempotency-key"]
+
+    def produce(conn: Any) -> dict[str, Any]:
+        order = schemas.OrderIn.model_validate(payload)
+        return service.place_order(
+            conn,
+            user_id=principal.user_id,
+            cart_id=order.cart_id,
+            payment_method_id=order.payment_method_id,
+            idempotency_key=key,
+            limits=ctx.limits,
+            ttl_seconds=ctx.settings.reservation_ttl_seconds,
+        )
+
+    return await _idempotent(request, principal, payload, 201, produce)
+
+
+async def get_order(request: Request) -> Response:
+    principal = _principal(request)
+    order_id = _path_id(request, "order_id")
+    return render(
+        200, await _db(request, service.get_order, user_id=principal.user_id, order_id=order_id)
+    )
+
+
+async def list_orders(request: Request) -> Response:
+    principal = _principal(request)
+    params = request.query_params
+    raw_limit = params.get("limit", "20")
+    if not raw_limit.isdigit():
+        raise ApiError(
+            422,
+            "validation_error",
+            "the request is invalid",
+            [{"field": "limit", "message": "must be an integer"}],
+        )
+    body = await _db(
+        request,
+        service.list_orders,
+        user_id=principal.user_id,
+        state=params.get("state"),  # present but empty is invalid, not "any"
+        limit=int(raw_limit),
+        cursor=params.get("cursor") or None,
+    )
+    return render(200, body)
+
+
+async def request_return(request: Request) -> Response:
+    principal = _principal(request)
+    order_id = _path_id(request, "order_id")
+    idempotency_key(request)
+    payload = await read_json(request)
+
+    def produce(conn: Any) -> dict[str, Any]:
+        body = schemas.ReturnIn.model_validate(payload)
+        return service.request_return(
+            conn, user_id=principal.user_id, order_id=order_id, reason=body.reason
+        )
+
+    return await _idempotent(request, principal, payload, 202, produce)
+
+
+async def receive_return(request: Request) -> Response:
+    _principal(request, admin=True)
+    order_id = _path_id(request, "order_id")
+    return render(200, await _db(request, service.receive_return, order_id=order_id))
+
+
+async def healthz(request: Request) -> Response:
+    ctx = _ctx(request)
+
+    def probe() -> bool:
+        try:
+            with ctx.pool.connection(timeout=1.0) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    ok = await run_in_threadpool(probe)
+    body = {"status": "ok" if ok else "degraded", "database": "ok" if ok else "unreachable"}
+    headers = None if ok else {"Retry-After": "2"}
+    return json_response(200 if ok else 503, dumps(body), headers)
+
+
+# ---------------------------------------------------------------- the route table
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    name: str
+    schema: dict[str, Any]
+    description: str
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    handler: Handler
+    operation_id: str
+    summary: str
+    responses: dict[int, tuple[type[BaseModel] | None, str]]
+    body: type[BaseModel] | None = None
+    auth: bool = True
+    idempotent: bool = False
+    query: tuple[QueryParam, ...] = ()
+    tags: tuple[str, ...] = field(default=("orders",))
+
+
+E = schemas.ErrorBody
+AUTH_ERRORS: dict[int, tuple[type[BaseModel] | None, str]] = {
+    401: (E, "Missing, invalid or expired bearer token"),
+    503: (E, "The database is unavailable; retry after Retry-After seconds"),
+}
+BODY_ERRORS: dict[int, tuple[type[BaseModel] | None, str]] = {
+    400: (E, "Malformed JSON (or a missing or invalid Idempotency-Key)"),
+    413: (E, "Body larger than 64 KiB"),
+    415: (E, "Body is not application/json"),
+    422: (E, "Invalid fields; details lists them"),
+}
+IDEMPOTENCY_ERRORS: dict[int, tuple[type[BaseModel] | None, str]] = {
+    409: (E, "out_of_stock, cart_already_ordered, invalid_state or idempotency_key_in_use"),
+    422: (E, "validation_error or idempotency_key_reused"),
+}
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "POST",
+        "/v1/carts",
+        create_cart,
+        "createCart",
+        "Create a cart of the caller's",
+        {201: (schemas.Cart, "The cart"), **AUTH_ERRORS, **BODY_ERRORS},
+        body=schemas.CartIn,
+        tags=("carts",),
+    ),
+    Operation(
+        "GET",
+        "/v1/carts/{cart_id}",
+        get_cart,
+        "getCart",
+        "One of the caller's carts",
+        {200: (schemas.Cart, "The cart"), 404: (E, "No such cart of the caller's"), **AUTH_ERRORS},
+        tags=("carts",),
+    ),
+    Operation(
+        "POST",
+        "/v1/orders",
+        create_order,
+        "createOrder",
+        "Place an order from a cart: validate, reserve stock, create the order (one transaction)",
+        {
+            201: (schemas.PlacedOrder, "The order, reserved; replays return it byte for byte"),
+            404: (E, "No such cart of the caller's"),
+            **AUTH_ERRORS,
+            **BODY_ERRORS,
+            **IDEMPOTENCY_ERRORS,
+        },
+        body=schemas.OrderIn,
+        idempotent=True,
+    ),
+    Operation(
+        "GET",
+        "/v1/orders",
+        list_orders,
+        "listOrders",
+        "The caller's orders, newest first",
+        {
+            200: (schemas.OrderPage, "A page of orders"),
+            422: (E, "Invalid state, limit or cursor"),
+            **AUTH_ERRORS,
+        },
+        query=(
+            QueryParam(
+                "state",
+                {"type": "string", "enum": [s.value for s in OrderState]},
+                "Only orders in this state",
+            ),
+            QueryParam(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": service.MAX_PAGE, "default": 20},
+                "Page size",
+            ),
+            QueryParam("cursor", {"type": "string"}, "next_cursor of the previous page"),
+        ),
+    ),
+    Operation(
+        "GET",
+        "/v1/orders/{order_id}",
+        get_order,
+        "getOrder",
+        "One of the caller's orders: state, lines, payment and shipment, history",
+        {
+            200: (schemas.Order, "The order"),
+            404: (E, "No such order of the caller's"),
+            **AUTH_ERRORS,
+        },
+    ),
+    Operation(
+        "POST",
+        "/v1/orders/{order_id}/return",
+        request_return,
+        "requestReturn",
+        "Ask to return a confirmed order (the human step return_requested)",
+        {
+            202: (schemas.OrderStateChange, "The return was requested"),
+            404: (E, "No such order of the caller's"),
+            **AUTH_ERRORS,
+            **BODY_ERRORS,
+            **IDEMPOTENCY_ERRORS,
+        },
+        body=schemas.ReturnIn,
+        idempotent=True,
+    ),
+    Operation(
+        "POST",
+        "/v1/admin/orders/{order_id}/return-received",
+        receive_return,
+        "receiveReturn",
+        "Record that a returned parcel arrived (admin token)",
+        {
+            200: (schemas.OrderStateChange, "The order moved on"),
+            403: (E, "Not an admin token"),
+            404: (E, "No such order"),
+            409: (E, "The order is not awaiting a return"),
+            **AUTH_ERRORS,
+        },
+        tags=("admin",),
+    ),
+    Operation(
+        "GET",
+        "/healthz",
+        healthz,
+        "health",
+        "Liveness and database reachability",
+        {200: (schemas.Health, "Healthy"), 503: (schemas.Health, "The database is unreachable")},
+        auth=False,
+        tags=("operations",),
+    ),
+)
+
+
+def route_handlers() -> list[tuple[str, str, Handler]]:
+    return [(op.path, op.method, json_endpoint(op.handler)) for op in OPERATIONS]
+
+
+__all__ = ["OPERATIONS", "Operation", "Unauthorized", "route_handlers", "uuid"]

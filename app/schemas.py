@@ -1,0 +1,185 @@
+"""Request and response bodies.  Requests are validated with these models and
+the OpenAPI document's schemas are generated from the same models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from statemachine.definition import OrderState
+
+
+def _clean_text(value: str) -> str:
+    # Postgres text and jsonb cannot hold NUL, and lone surrogates cannot be
+    # encoded as UTF-8: refuse both here rather than fail in the database.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text") from exc
+    return value
+
+
+Clean = AfterValidator(_clean_text)
+ULID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"
+
+Sku = Annotated[str, StringConstraints(min_length=1, max_length=64), Clean]
+Ulid = Annotated[str, StringConstraints(pattern=ULID_PATTERN), Clean]
+Line200 = Annotated[str, StringConstraints(min_length=1, max_length=200), Clean]
+OptionalLine200 = Annotated[str, StringConstraints(max_length=200), Clean]
+City = Annotated[str, StringConstraints(min_length=1, max_length=100), Clean]
+PostalCode = Annotated[str, StringConstraints(min_length=1, max_length=20), Clean]
+CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$"), Clean]
+Email = Annotated[
+    str, StringConstraints(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), Clean
+]
+PaymentMethodId = Annotated[
+    str, StringConstraints(max_length=255, pattern=r"^pm_[A-Za-z0-9_]+$"), Clean
+]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500), Clean]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LineIn(Strict):
+    sku: Sku
+    qty: Annotated[int, Field(ge=1, le=10_000)]
+
+
+class Address(Strict):
+    name: Line200
+    line1: Line200
+    line2: OptionalLine200 | None = None
+    city: City
+    postal_code: PostalCode
+    country: CountryCode = Field(description="ISO 3166-1 alpha-2 code, e.g. DE")
+
+
+class CartIn(Strict):
+    lines: Annotated[list[LineIn], Field(min_length=1, max_length=200)]
+    shipping_address: Address
+    email: Email | None = None
+
+
+class OrderIn(Strict):
+    cart_id: Ulid
+    payment_method_id: PaymentMethodId
+
+
+class ReturnIn(Strict):
+    reason: Reason
+
+
+# ---------------------------------------------------------------- responses
+
+
+class CartLine(BaseModel):
+    sku: str
+    qty: int
+    unit_price_cents: int
+    currency: str
+
+
+class Cart(BaseModel):
+    id: str
+    status: str
+    lines: list[CartLine]
+    shipping_address: dict[str, Any]
+    email: str | None
+    created_at: str
+    ordered_at: str | None
+
+
+class OrderLine(BaseModel):
+    sku: str
+    qty: int
+    unit_price_cents: int
+
+
+class PlacedOrder(BaseModel):
+    id: str
+    state: OrderState
+    lines: list[OrderLine]
+    total_cents: int
+    currency: str
+    reservation_expires_at: str | None
+    created_at: str
+
+
+class PaymentRef(BaseModel):
+    payment_intent_id: str | None
+    status: str
+
+
+class RefundRef(BaseModel):
+    refund_id: str | None
+    status: str
+    amount_cents: int
+
+
+class ShipmentRef(BaseModel):
+    shipment_id: str
+    status: str
+    tracking_number: str | None
+    label_url: str | None
+
+
+class HistoryEntry(BaseModel):
+    from_state: OrderState | None
+    to_state: OrderState
+    event: str
+    at: str | None
+
+
+class Order(BaseModel):
+    id: str
+    state: OrderState
+    lines: list[OrderLine]
+    total_cents: int
+    currency: str
+    reservation_expires_at: str | None
+    created_at: str
+    updated_at: str
+    payment: PaymentRef | None
+    refund: RefundRef | None
+    shipment: ShipmentRef | None
+    tracking_number: str | None
+    history: list[HistoryEntry]
+
+
+class OrderSummary(BaseModel):
+    id: str
+    state: OrderState
+    total_cents: int
+    currency: str
+    created_at: str
+    updated_at: str
+
+
+class OrderPage(BaseModel):
+    orders: list[OrderSummary]
+    next_cursor: str | None
+
+
+class OrderStateChange(BaseModel):
+    id: str
+    state: OrderState
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

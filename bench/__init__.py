@@ -1,0 +1,1 @@
+"""Benchmarks (`orderflow bench ...`).  Each prints a summary and, last, one JSON line."""

@@ -1,0 +1,171 @@
+"""Idempotency keys for POST requests, in atomic phases (after rocket-rides-atomic).
+
+Phase 1 (its own transaction) records the key with the request's hash and
+locks it, so a concurrent request with the same key sees it in flight.  Phase 2
+(one transaction) does the work and stores the answer with the key, unlocking
+it.  A failure before phase 2 commits unlocks the key, so the client can retry;
+a crash leaves a lock that expires after `lock_timeout_s`.
+
+Keys are scoped per user: one user's key never answers another's request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from sql import QUERIES
+from statemachine.errors import OrderflowError
+
+MAX_KEY_LENGTH = 255
+
+
+class KeyReused(OrderflowError):
+    """The key was first used for a different request."""
+
+
+class KeyInUse(OrderflowError):
+    """A request with this key is still in flight."""
+
+
+class LockLost(OrderflowError):
+    """Our lock on the key expired and was taken over before we finished."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: str
+    order_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IdempotentResult:
+    status: int
+    body: str
+    replayed: bool
+
+
+def request_fingerprint(method: str, path: str, payload: Any) -> str:
+    """A hash of what the request asks for: same method, path and JSON value."""
+    canonical = json.dumps(
+        [method.upper(), path, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def run_idempotent(
+    conn: psycopg.Connection[Any],
+    *,
+    user_id: uuid.UUID,
+    key: str,
+    method: str,
+    path: str,
+    request_hash: str,
+    work: Callable[[psycopg.Connection[Any]], Answer],
+    answer_error: Callable[[Exception], Answer | None],
+    lock_timeout_s: float = 60.0,
+) -> IdempotentResult:
+    """Run `work` at most once per (user, key) and return its stored answer.
+
+    `work` runs inside phase 2's transaction.  If it raises, that transaction
+    rolls back whole; `answer_error` turns a known error into the answer to
+    store (a 409 or 422: replays return it too), and None means "unexpected":
+    the key is unlocked and the error propagates, storing nothing.
+    """
+    key_id, locked_at, stored = _phase_one(
+        conn, user_id, key, method, path, request_hash, lock_timeout_s
+    )
+    if stored is not None:
+        return IdempotentResult(stored.status, stored.body, replayed=True)
+    assert locked_at is not None
+    try:
+        try:
+            with conn.transaction():
+                answer = work(conn)
+                _finish(conn, key_id, locked_at, answer)
+        except Exception as exc:
+            failure = answer_error(exc)
+            if failure is None:
+                raise
+            answer = failure
+            with conn.transaction():  # the work left nothing; store only its answer
+                _finish(conn, key_id, locked_at, answer)
+    except BaseException:
+        _unlock(conn, key_id, locked_at)
+        raise
+    return IdempotentResult(answer.status, answer.body, replayed=False)
+
+
+def _finish(
+    conn: psycopg.Connection[Any], key_id: int, locked_at: datetime, answer: Answer
+) -> None:
+    finished = conn.execute(
+        QUERIES["finish_idempotency_key"],
+        {
+            "id": key_id,
+            "locked_at": locked_at,
+            "status": answer.status,
+            "body": answer.body,
+            "order_id": answer.order_id,
+        },
+    ).fetchone()
+    if finished is None:
+        raise LockLost(f"idempotency key {key_id} was taken over")
+
+
+def _phase_one(
+    conn: psycopg.Connection[Any],
+    user_id: uuid.UUID,
+    key: str,
+    method: str,
+    path: str,
+    request_hash: str,
+    lock_timeout_s: float,
+) -> tuple[int, datetime | None, Answer | None]:
+    params = {
+        "user_id": user_id,
+        "key": key,
+        "method": method,
+        "path": path,
+        "request_hash": request_hash,
+        "lock_timeout_s": lock_timeout_s,
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        # The common case, a new key, is one autocommit statement.
+        fresh = cur.execute(QUERIES["insert_idempotency_key"], params).fetchone()
+    if fresh is not None:
+        return fresh["id"], fresh["locked_at"], None
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(QUERIES["lock_idempotency_key"], params).fetchone()
+        assert row is not None  # the conflicting row exists and rows are never deleted here
+        if (row["request_method"], row["request_path"], row["request_hash"]) != (
+            method,
+            path,
+            request_hash,
+        ):
+            raise KeyReused(key)
+        if row["recovery_point"] == "finished":
+            return row["id"], None, Answer(row["response_status"], row["response_body"])
+        if row["in_flight"]:
+            raise KeyInUse(key)
+        relocked = cur.execute(QUERIES["relock_idempotency_key"], {"id": row["id"]}).fetchone()
+        assert relocked is not None
+        return relocked["id"], relocked["locked_at"], None
+
+
+def _unlock(conn: psycopg.Connection[Any], key_id: int, locked_at: datetime) -> None:
+    try:
+        with conn.transaction():
+            conn.execute(QUERIES["unlock_idempotency_key"], {"id": key_id, "locked_at": locked_at})
+    except psycopg.Error:
+        # The database is gone; the lock expires after lock_timeout_s instead.
+        pass
