@@ -24,7 +24,11 @@ async def bare_insert(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
 
     def insert() -> int:
-        with ctx.pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+        with (
+            ctx.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=tuple_row) as cur,
+        ):
             cur.execute(QUERIES["bench_insert"], {"payload": Jsonb({"n": len(body)})})
             row = cur.fetchone()
             assert row is not None
