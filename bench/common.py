@@ -37,13 +37,18 @@ def scratch_database(prefix: str) -> Iterator[str]:
             )
 
 
-def percentile(values: list[float], pct: float) -> float:
+def percentile(values: list[float], pct: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=1000, method="inclusive")[int(pct * 10) - 1]
 
 
+def pct_ms(values: list[float], pct: float) -> float | None:
+    value = percentile(values, pct)
+    return None if value is None else round(value, 2)
+
+
 def emit(result: dict[str, Any]) -> None:
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps(result, sort_keys=True, allow_nan=False))

@@ -22,7 +22,7 @@ import httpx
 from ulid import ULID
 
 from app.auth import mint_token
-from bench.common import emit, percentile, scratch_database
+from bench.common import emit, pct_ms, scratch_database
 from bench.loadgen import Phase, drive
 from orderflow.db import connect
 from sql import QUERIES
@@ -108,9 +108,9 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
             server.terminate()
             server.wait(10)
     for phase in (bare, orders):
-        p50, p99 = percentile(phase.latencies_ms, 50), percentile(phase.latencies_ms, 99)
+        p50, p99 = pct_ms(phase.latencies_ms, 50), pct_ms(phase.latencies_ms, 99)
         print(
-            f"{phase.name:>18}: {phase.rate:8.1f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
+            f"{phase.name:>18}: {phase.rate:8.1f} req/s   p50 {p50} ms   p99 {p99} ms"
             f"   errors {phase.errors or 0}"
         )
     ratio = orders.rate / bare.rate if bare.rate else 0.0
@@ -118,11 +118,11 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
     print(f"ratio orders/bare: {ratio:.2f} (target >= 0.5), {setup}")
     return {
         "orders_per_s": round(orders.rate, 1),
-        "p50_ms": round(percentile(orders.latencies_ms, 50), 2),
-        "p99_ms": round(percentile(orders.latencies_ms, 99), 2),
+        "p50_ms": pct_ms(orders.latencies_ms, 50),
+        "p99_ms": pct_ms(orders.latencies_ms, 99),
         "bare_insert_per_s": round(bare.rate, 1),
-        "bare_p50_ms": round(percentile(bare.latencies_ms, 50), 2),
-        "bare_p99_ms": round(percentile(bare.latencies_ms, 99), 2),
+        "bare_p50_ms": pct_ms(bare.latencies_ms, 50),
+        "bare_p99_ms": pct_ms(bare.latencies_ms, 99),
         "ratio": round(ratio, 3),
         "concurrency": concurrency,
         "seconds": seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,8 +56,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         "DATABASE_URL" if settings.database_url else f"embedded Postgres in {settings.state_dir}"
     )
     print(f"orderflow demo on {where}")
-    with _connect_migrated(settings) as conn:
-        run_demo(conn, settings.reservation_ttl_seconds)
+    from orderflow import migrate
+    from orderflow.db import connect, resolve_url
+
+    url = resolve_url(settings)
+    migrate.upgrade(url)
+    with connect(url) as conn:
+        run_demo(conn, url, settings.reservation_ttl_seconds)
     return 0
 
 
@@ -115,6 +121,79 @@ def cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
     return bench_http(args.seconds, args.concurrency)
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from orderflow import migrate
+    from orderflow.db import resolve_url
+    from outbox_worker.logs import configure
+    from outbox_worker.providers import ProviderConfig, Providers
+    from outbox_worker.runner import Worker
+
+    configure(args.log_level)
+    url = resolve_url(settings)
+    migrate.upgrade(url)
+    providers = Providers(ProviderConfig.from_env())
+    worker = Worker(
+        url,
+        providers,
+        concurrency=args.concurrency,
+        lease_s=args.lease,
+        backoff_scale=float(os.environ.get("ORDERFLOW_BACKOFF_SCALE", "1")),
+    )
+    worker.install_signal_handlers()
+    try:
+        worker.run_forever(grace_s=args.grace)
+    finally:
+        worker.close()
+        providers.close()
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from sandbox.app import create_sandbox_app
+
+    uvicorn.run(create_sandbox_app(), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_outbox_list(args: argparse.Namespace, settings: Settings) -> int:
+    from sql import QUERIES
+
+    with _connect_migrated(settings) as conn:
+        rows = conn.execute(
+            QUERIES["list_outbox"],
+            {"dead_only": args.dead, "include_done": args.all, "limit": args.limit},
+        ).fetchall()
+    print(f"{'id':>8}  {'order':<26}  {'step':<20} {'status':<10} {'tries':>5}  last error")
+    for r in rows:
+        error = (r["last_error"] or "")[:60]
+        print(
+            f"{r['id']:>8}  {r['order_id']:<26}  {r['step']:<20} {r['status']:<10}"
+            f" {r['attempts']:>5}  {error}"
+        )
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox_worker.operations import RedriveError, redrive
+
+    with _connect_migrated(settings) as conn:
+        try:
+            result = redrive(conn, args.id)
+        except RedriveError as exc:
+            print(f"orderflow outbox retry: {exc}", file=sys.stderr)
+            return 2
+    print(result)
+    return 0
+
+
+def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.saga import main as bench_saga
+
+    return bench_saga(args.orders, args.workers, args.concurrency, args.pgbench_seconds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orderflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,12 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     p.set_defaults(func=cmd_token)
 
+    p = sub.add_parser("worker", help="run the outbox worker daemon")
+    p.add_argument("--concurrency", type=int, default=8, help="provider calls in flight")
+    p.add_argument("--lease", type=float, default=30.0, help="lease of a claimed row, seconds")
+    p.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM, seconds")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sandbox", help="serve the provider sandbox (Stripe, carrier, e-mail)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("outbox", help="inspect and re-drive outbox rows")
+    outbox_sub = p.add_subparsers(dest="outbox_command", required=True)
+    p = outbox_sub.add_parser("list", help="outbox rows, newest first")
+    p.add_argument("--dead", action="store_true", help="only dead letters")
+    p.add_argument("--all", action="store_true", help="include done rows")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_outbox_list)
+    p = outbox_sub.add_parser("retry", help="re-drive a dead letter")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_outbox_retry)
+
     p = sub.add_parser("bench", help="benchmarks; the last line of output is JSON")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("http", help="POST /v1/orders against a bare INSERT endpoint")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.set_defaults(func=cmd_bench_http)
+    p = bench_sub.add_parser("saga", help="sagas/s and pickup latency, against pgbench -N")
+    p.add_argument("--orders", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=16, help="calls in flight per worker")
+    p.add_argument("--pgbench-seconds", type=int, default=15)
+    p.set_defaults(func=cmd_bench_saga)
 
     p = sub.add_parser("demo", help="run the saga on sample orders and print them")
     p.set_defaults(func=cmd_demo)

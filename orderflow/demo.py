@@ -1,28 +1,25 @@
-"""`orderflow demo`: the saga end to end on the embedded database.
+"""`orderflow demo`: the saga end to end with the real worker and the provider sandbox.
 
-Until the outbox worker lands, the demo plays the providers' answers itself:
-for each pending outbox row it fires the event the step's outcome would fire,
-in the same transaction that marks the row done, exactly as the worker will.
+The sandbox (Stripe, carrier, e-mail stand-ins) runs in this process on a free
+port; the outbox worker drains the orders exactly as the daemon does.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import psycopg
 
 from orderflow import PROJECT_ROOT
 from orderflow.catalog import load_catalog
-from orderflow.orders import (
-    LineRequest,
-    consume_reservation,
-    create_order,
-    release_inventory,
-    restock_order,
-)
+from orderflow.orders import LineRequest, create_order
 from sql import QUERIES
-from statemachine.definition import STEPS_BY_NAME
 from statemachine.engine import advance
 from statemachine.errors import OrderflowError, OutOfStock
 
@@ -34,97 +31,117 @@ ADDRESS = {
     "country": "GB",
 }
 
-# (label, lines, provider answers per step: "ok" or "fail")
-SCENARIOS: list[tuple[str, list[LineRequest], dict[str, str]]] = [
-    ("happy path", [LineRequest("MUG-01", 2), LineRequest("TEE-M", 1)], {}),
-    ("card declined", [LineRequest("CAP-01", 1)], {"charge_payment": "fail"}),
-    ("carrier refuses the parcel", [LineRequest("LAMP-01", 1)], {"ship_order": "fail"}),
-    ("returned by the customer", [LineRequest("PEN-05", 1)], {"return": "yes"}),
-    ("waiting for the worker", [LineRequest("NOTE-A5", 3)], {"stop": "yes"}),
-]
+
+def start_sandbox() -> tuple[str, Callable[[], None]]:
+    """The provider sandbox on a free local port, in a background thread."""
+    import uvicorn
+
+    from sandbox.app import create_sandbox_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_sandbox_app(), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(5)
+
+    return f"http://127.0.0.1:{port}", stop
 
 
-def finish_step(
-    conn: psycopg.Connection[Any], order_id: str, step: str, ok: bool, detail: dict[str, Any]
-) -> None:
-    """Mark the step's row done and fire its outcome event, in one transaction."""
-    spec = STEPS_BY_NAME[step]
-    with conn.transaction():
-        conn.execute(QUERIES["finish_pending_step"], {"order_id": order_id, "step": step})
-        # local effects that the worker's step adapters will own
-        if step == "release_inventory":
-            release_inventory(conn, order_id)
-        elif step == "restock_inventory":
-            restock_order(conn, order_id)
-        elif step == "charge_payment" and ok:
-            consume_reservation(conn, order_id)
-        event = spec.on_success if ok else spec.on_failure
-        if event is not None:
-            advance(conn, order_id, event, {"step": step, **detail})
+def run_demo(conn: psycopg.Connection[Any], url: str, ttl_seconds: int) -> list[str]:
+    from outbox_worker.providers import ProviderConfig, Providers
+    from outbox_worker.runner import Worker
 
-
-def _pending_steps(conn: psycopg.Connection[Any], order_id: str) -> list[str]:
-    rows = conn.execute(QUERIES["order_outbox"], {"order_id": order_id}).fetchall()
-    return [r["step"] for r in rows if r["status"] == "pending"]
-
-
-def run_scenario(conn: psycopg.Connection[Any], order_id: str, answers: dict[str, str]) -> None:
-    if answers.get("stop"):
-        return
-    for _ in range(20):
-        pending = _pending_steps(conn, order_id)
-        if not pending:
-            break
-        for step in pending:
-            finish_step(conn, order_id, step, answers.get(step) != "fail", {})
-        state = conn.execute(QUERIES["get_order"], {"order_id": order_id}).fetchone()
-        if state and state["state"] == "confirmed" and answers.pop("return", None):
-            advance(conn, order_id, "return_requested", {"reason": "too small"})
-        if state and state["state"] == "awaiting_return":
-            advance(conn, order_id, "return_received", {})
-
-
-def run_demo(conn: psycopg.Connection[Any], ttl_seconds: int) -> list[str]:
     count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
     print(f"catalog: {count} products loaded")
+    sandbox_url, stop_sandbox = start_sandbox()
+    print(f"provider sandbox: {sandbox_url}")
+    providers = Providers(
+        ProviderConfig("sk_test_demo", sandbox_url, sandbox_url, sandbox_url, timeout_s=2.0)
+    )
+    worker = Worker(url, providers, concurrency=4, lease_s=10, backoff_scale=0.01)
     user = uuid.uuid4()
-    order_ids: list[str] = []
-    for label, lines, answers in SCENARIOS:
-        order = create_order(
+
+    def place(lines: list[LineRequest], card: str = "pm_card_visa") -> str:
+        return create_order(
             conn,
             user_id=user,
             lines=lines,
             shipping_address=ADDRESS,
             email="ada@example.com",
-            payment_method_id="pm_card_visa",
+            payment_method_id=card,
             idempotency_key=str(uuid.uuid4()),
             ttl_seconds=ttl_seconds,
-        )
-        run_scenario(conn, order.id, dict(answers))
-        order_ids.append(order.id)
-        print(f"placed {order.id} ({label}): {order.total_cents / 100:.2f} {order.currency}")
+        ).id
+
+    def faults(*rules: dict[str, Any]) -> None:
+        httpx.post(f"{sandbox_url}/_sandbox/faults", json={"rules": list(rules)})
+
+    def drain() -> None:
+        while _open_rows(conn):
+            if worker.run_once() == 0:
+                time.sleep(0.02)
+
+    order_ids: list[str] = []
     try:
-        create_order(
-            conn,
-            user_id=user,
-            lines=[LineRequest("LAMP-01", 1000)],
-            shipping_address=ADDRESS,
-            email=None,
-            payment_method_id="pm_card_visa",
-            idempotency_key=str(uuid.uuid4()),
-            ttl_seconds=ttl_seconds,
-        )
-    except OutOfStock as exc:
-        print(f"refused an order for 1000 desk lamps: {exc} (nothing written)")
-    except OrderflowError as exc:  # pragma: no cover - the demo should not get here
-        print(f"refused: {exc}")
-    print()
-    for order_id in order_ids:
-        print_order(conn, order_id)
+        print("\n1. a happy order")
+        order_ids.append(place([LineRequest("MUG-01", 2), LineRequest("TEE-M", 1)]))
+        drain()
+        print("2. a declined card")
+        order_ids.append(place([LineRequest("CAP-01", 1)], "pm_card_chargeDeclined"))
+        drain()
+        print("3. the carrier refuses the parcel after the charge: refund, then release")
+        faults({"endpoint": "shipment", "mode": "error", "status": 422})
+        order_ids.append(place([LineRequest("LAMP-01", 1)]))
+        drain()
+        faults()
+        print("4. Stripe times out after charging: the worker replays the key, one charge")
+        faults({"endpoint": "charge", "mode": "timeout_after_success", "count": 1, "hang_s": 4})
+        order_ids.append(place([LineRequest("BAG-01", 1)]))
+        drain()
+        faults()
+        print("5. a return, taken through to `returned`")
+        returned = place([LineRequest("PEN-05", 1)])
+        order_ids.append(returned)
+        drain()
+        advance(conn, returned, "return_requested", {"reason": "too small"})
+        drain()
+        advance(conn, returned, "return_received", {})
+        drain()
+        try:
+            place([LineRequest("LAMP-01", 1000)])
+        except OutOfStock as exc:
+            print(f"6. refused an order for 1000 desk lamps: {exc} (nothing written)")
+        except OrderflowError as exc:  # pragma: no cover - the demo should not get here
+            print(f"refused: {exc}")
+        print()
+        effects = httpx.get(f"{sandbox_url}/_sandbox/effects").json()["effects"]
+        for order_id in order_ids:
+            print_order(conn, order_id, [e for e in effects if e["order_id"] == order_id])
+    finally:
+        worker.close()
+        providers.close()
+        stop_sandbox()
     return order_ids
 
 
-def print_order(conn: psycopg.Connection[Any], order_id: str) -> None:
+def _open_rows(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(QUERIES["open_outbox_rows"]).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def print_order(
+    conn: psycopg.Connection[Any], order_id: str, effects: list[dict[str, Any]]
+) -> None:
     state = conn.execute(QUERIES["get_order"], {"order_id": order_id}).fetchone()
     assert state is not None
     print(f"order {order_id}: {state['state']}")
@@ -132,7 +149,6 @@ def print_order(conn: psycopg.Connection[Any], order_id: str) -> None:
         source = h["from_state"] or "(new)"
         step = f"  [{h['detail']['step']}]" if "step" in h["detail"] else ""
         print(f"    {h['at']:%H:%M:%S.%f}  {source:>16} -> {h['to_state']:<16} {h['event']}{step}")
-    outbox = conn.execute(QUERIES["order_outbox"], {"order_id": order_id}).fetchall()
-    steps = ", ".join(f"{r['step']}={r['status']}" for r in outbox)
-    print(f"    outbox: {steps}")
+    seen = ", ".join(f"{e['kind']}" + (f" {e['amount']}" if e["amount"] else "") for e in effects)
+    print(f"    provider effects: {seen or 'none'}")
     print()

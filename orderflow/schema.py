@@ -231,6 +231,7 @@ outbox = Table(
     Column("last_error", Text),
     _ts("created_at", nullable=False, default_now=True),
     _ts("done_at"),
+    _ts("claimed_at"),  # first claim: pickup latency is claimed_at - created_at
     CheckConstraint(_in_list("step", STEP_NAMES), name="step_known"),
     CheckConstraint(_in_list("status", OUTBOX_STATUSES), name="status_known"),
     CheckConstraint("attempts >= 0", name="attempts_nonnegative"),

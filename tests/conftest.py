@@ -172,3 +172,69 @@ def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ---------------------------------------------------------------- worker and sandbox
+
+
+def _serve_in_thread(app: Any) -> tuple[str, Any, Any]:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[str]:
+    from sandbox.app import create_sandbox_app
+
+    url, server, thread = _serve_in_thread(create_sandbox_app())
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture()
+def sandbox(sandbox_server: str) -> Iterator[Any]:
+    """The sandbox, reset for this test; `.url`, `.effects()`, `.faults(...)`."""
+    from tests.sandbox_client import SandboxClient
+
+    client = SandboxClient(sandbox_server)
+    client.reset()
+    yield client
+    client.reset()
+
+
+@pytest.fixture()
+def providers(sandbox: Any) -> Iterator[Any]:
+    from outbox_worker.providers import Providers
+
+    p = Providers(sandbox.provider_config())
+    yield p
+    p.close()
+
+
+@pytest.fixture()
+def worker(db_url: str, providers: Any) -> Iterator[Any]:
+    from outbox_worker.runner import Worker
+
+    w = Worker(db_url, providers, concurrency=4, lease_s=5, backoff_scale=0.01)
+    yield w
+    w.close()

@@ -24,6 +24,8 @@ def place(
     *,
     user_id: uuid.UUID | None = None,
     key: str | None = None,
+    payment_method: str = "pm_card_visa",
+    ttl_seconds: int = 900,
 ) -> PlacedOrder:
     return create_order(
         conn,
@@ -31,9 +33,9 @@ def place(
         lines=[LineRequest(sku, qty) for sku, qty in (lines or [("MUG-01", 1)])],
         shipping_address=ADDRESS,
         email="grace@example.com",
-        payment_method_id="pm_card_visa",
+        payment_method_id=payment_method,
         idempotency_key=key or str(uuid.uuid4()),
-        ttl_seconds=900,
+        ttl_seconds=ttl_seconds,
     )
 
 

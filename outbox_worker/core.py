@@ -1,0 +1,337 @@
+"""Processing one claimed outbox row: call the provider, then commit the outcome.
+
+The outcome commits in ONE transaction: the row (done, retried or dead, fenced
+by owner and fence so a worker whose lease was taken over cannot commit), the
+facts learned (payments, shipments, stock) and the state-machine event, which
+writes the next outbox rows.  No transaction is open during a provider call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from orderflow import failpoints
+from orderflow.orders import consume_reservation, release_inventory, restock_order
+from outbox_worker.outcomes import Kind, StepOutcome, backoff_s
+from sql import QUERIES
+from statemachine.definition import STEPS_BY_NAME, OrderState, Step
+from statemachine.engine import advance
+from statemachine.errors import IllegalTransition, InvalidEventDetail
+
+log = logging.getLogger("orderflow.worker")
+
+
+class ProviderCalls(Protocol):
+    def charge(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+    def refund(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+    def ship(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+    def cancel_shipment(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+    def return_label(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+    def send_confirmation(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    id: int
+    order_id: str
+    step: str
+    idempotency_key: str
+    fence: int
+    attempts: int
+    payload: dict[str, Any]
+    created_at: Any
+    claimed_at: Any
+
+
+# Which provider call runs each external step (local steps have none).
+CALLS: dict[str, Callable[[ProviderCalls, Mapping[str, Any], str], StepOutcome]] = {
+    "charge_payment": lambda p, c, k: p.charge(c, k),
+    "refund_payment": lambda p, c, k: p.refund(c, k),
+    "refund_return": lambda p, c, k: p.refund(c, k),
+    "ship_order": lambda p, c, k: p.ship(c, k),
+    "cancel_shipment": lambda p, c, k: p.cancel_shipment(c, k),
+    "create_return_label": lambda p, c, k: p.return_label(c, k),
+    "send_confirmation": lambda p, c, k: p.send_confirmation(c, k),
+}
+LOCAL_STEPS = frozenset({"release_inventory", "restock_inventory"})
+
+# A forward step whose order has moved on must not start its effect at all.
+ONLY_IN_STATE: dict[str, OrderState] = {
+    "charge_payment": OrderState.RESERVED,
+    "ship_order": OrderState.PAID,
+}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    owner: str
+    lease_s: float = 30.0
+    backoff_scale: float = 1.0  # tests shrink the seed's backoff; never below 0
+
+
+def claim(conn: psycopg.Connection[Any], config: WorkerConfig, limit: int) -> list[ClaimedRow]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            QUERIES["claim_outbox"],
+            {"limit": limit, "owner": config.owner, "lease_s": config.lease_s},
+        ).fetchall()
+    return [
+        ClaimedRow(
+            id=r["id"],
+            order_id=r["order_id"],
+            step=r["step"],
+            idempotency_key=r["idempotency_key"],
+            fence=r["fence"],
+            attempts=r["attempts"],
+            payload=r["payload"] or {},
+            created_at=r["available_at"],
+            claimed_at=r["claimed_at"],
+        )
+        for r in rows
+    ]
+
+
+def process(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    providers: ProviderCalls,
+    config: WorkerConfig,
+) -> str:
+    """Run one claimed row to its committed outcome; returns a label for the logs."""
+    spec = STEPS_BY_NAME[row.step]
+    started = time.monotonic()
+    with conn.cursor(row_factory=dict_row) as cur:
+        ctx = cur.execute(QUERIES["step_context"], {"order_id": row.order_id}).fetchone()
+    assert ctx is not None
+    required = ONLY_IN_STATE.get(row.step)
+    if required is not None and ctx["state"] != required:
+        try:
+            with conn.transaction():
+                _finish_row(conn, row, config, note=f"skipped: order is {ctx['state']}")
+        except StaleLease:
+            return _logged(row, "stale", started)
+        return _logged(row, "skipped", started)
+
+    if row.step in LOCAL_STEPS:
+        outcome = StepOutcome.success()
+    else:
+        failpoints.hit(f"{row.step}.before_call")
+        outcome = CALLS[row.step](providers, ctx, row.idempotency_key)
+        failpoints.hit(f"{row.step}.after_call")
+
+    if outcome.kind == Kind.SUCCESS:
+        label = _commit_success(conn, row, spec, ctx, outcome, config)
+    elif outcome.kind == Kind.PERMANENT:
+        label = _commit_failure(conn, row, spec, ctx, outcome, config)
+    else:
+        label = _retry_or_give_up(conn, row, spec, ctx, outcome, config)
+    failpoints.hit(f"{row.step}.after_commit")
+    return _logged(row, label, started, outcome.error)
+
+
+def _logged(row: ClaimedRow, outcome: str, started: float, error: str | None = None) -> str:
+    log.info(
+        "step %s",
+        outcome,
+        extra={
+            "order_id": row.order_id,
+            "step": row.step,
+            "attempt": row.attempts,
+            "outcome": outcome,
+            "duration_ms": round((time.monotonic() - started) * 1000, 2),
+            **({"error": error} if error else {}),
+        },
+    )
+    return outcome
+
+
+class StaleLease(Exception):
+    """Our lease was taken over; the result must not be committed."""
+
+
+def _finish_row(
+    conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, note: str | None = None
+) -> None:
+    done = conn.execute(
+        QUERIES["finish_outbox_row"],
+        {"id": row.id, "owner": config.owner, "fence": row.fence, "note": note},
+    ).fetchone()
+    if done is None:
+        raise StaleLease(row.id)
+
+
+def _commit_success(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    spec: Step,
+    ctx: Mapping[str, Any],
+    outcome: StepOutcome,
+    config: WorkerConfig,
+) -> str:
+    try:
+        with conn.transaction():
+            _finish_row(conn, row, config, note=outcome.facts.get("note"))
+            detail = _record_success(conn, row, ctx, outcome)
+            failpoints.hit(f"{row.step}.before_commit")
+            if spec.on_success is not None:
+                result = advance(conn, row.order_id, spec.on_success, detail)
+                if row.step == "charge_payment" and result.dest == OrderState.PAID:
+                    consume_reservation(conn, row.order_id)
+    except StaleLease:
+        return "stale"
+    except (IllegalTransition, InvalidEventDetail) as exc:
+        return _dead_letter(conn, row, config, f"cannot apply success: {exc}")
+    return "done"
+
+
+def _record_success(
+    conn: psycopg.Connection[Any], row: ClaimedRow, ctx: Mapping[str, Any], outcome: StepOutcome
+) -> dict[str, Any]:
+    """Write what the step did; return the detail of its history row."""
+    facts = outcome.facts
+    detail: dict[str, Any] = {"step": row.step}
+    if row.step == "charge_payment":
+        _payment(conn, row, ctx, "charge", "succeeded", facts["payment_intent_id"], facts)
+        detail["payment_intent_id"] = facts["payment_intent_id"]
+    elif row.step in ("refund_payment", "refund_return"):
+        _payment(conn, row, ctx, "refund", "succeeded", facts["refund_id"], facts)
+        detail["refund_id"] = facts["refund_id"]
+    elif row.step in ("ship_order", "create_return_label"):
+        conn.execute(
+            QUERIES["insert_shipment"],
+            {
+                "order_id": row.order_id,
+                "kind": "outbound" if row.step == "ship_order" else "return",
+                "carrier_ref": facts["shipment_id"],
+                "tracking_number": facts.get("tracking_number"),
+                "label_url": facts.get("label_url"),
+                "idempotency_key": row.idempotency_key,
+            },
+        )
+        detail["tracking_number"] = facts.get("tracking_number")
+    elif row.step == "cancel_shipment":
+        conn.execute(QUERIES["cancel_shipment_row"], {"order_id": row.order_id})
+    elif row.step == "release_inventory":
+        release_inventory(conn, row.order_id)
+    elif row.step == "restock_inventory":
+        restock_order(conn, row.order_id)
+    return detail
+
+
+def _payment(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    ctx: Mapping[str, Any],
+    kind: str,
+    status: str,
+    ref: str | None,
+    facts: Mapping[str, Any],
+) -> None:
+    conn.execute(
+        QUERIES["insert_payment"],
+        {
+            "order_id": row.order_id,
+            "kind": kind,
+            "status": status,
+            "provider_ref": ref,
+            "amount_cents": facts.get("amount_cents") or ctx["total_cents"],
+            "currency": ctx["currency"],
+            "idempotency_key": row.idempotency_key,
+            "failure_code": facts.get("decline_code") or facts.get("code"),
+        },
+    )
+
+
+def _commit_failure(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    spec: Step,
+    ctx: Mapping[str, Any],
+    outcome: StepOutcome,
+    config: WorkerConfig,
+) -> str:
+    """A definite failure: compensate (error edge) or dead-letter (no error edge)."""
+    if spec.on_failure == "step_dead_lettered":
+        return _dead_letter(conn, row, config, outcome.error or "failed")
+    try:
+        with conn.transaction():
+            _finish_row(conn, row, config, note=outcome.error)
+            if row.step == "charge_payment" and ctx["total_cents"] > 0:
+                _payment(conn, row, ctx, "charge", "failed", None, outcome.facts)
+            detail = {"step": row.step, "error": outcome.error}
+            if outcome.facts.get("effects_done"):
+                detail["effects_done"] = outcome.facts["effects_done"]
+            advance(conn, row.order_id, spec.on_failure, detail)
+    except StaleLease:
+        return "stale"
+    except (IllegalTransition, InvalidEventDetail):
+        # The order moved on (e.g. its reservation expired meanwhile): the
+        # failure changes nothing; the row is done.
+        with conn.transaction():
+            try:
+                _finish_row(conn, row, config, note=outcome.error)
+            except StaleLease:
+                return "stale"
+    return "failed"
+
+
+def _dead_letter(
+    conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, error: str
+) -> str:
+    with conn.transaction():
+        dead = conn.execute(
+            QUERIES["dead_outbox_row"],
+            {"id": row.id, "owner": config.owner, "fence": row.fence, "error": error},
+        ).fetchone()
+        if dead is None:
+            return "stale"
+        with contextlib.suppress(IllegalTransition):  # already waiting for an operator
+            advance(conn, row.order_id, "step_dead_lettered", {"step": row.step, "error": error})
+    return "dead"
+
+
+def _retry_or_give_up(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    spec: Step,
+    ctx: Mapping[str, Any],
+    outcome: StepOutcome,
+    config: WorkerConfig,
+) -> str:
+    unknown = outcome.kind == Kind.UNKNOWN or bool(row.payload.get("unknown_outcome"))
+    exhausted = row.attempts >= spec.retry.max_attempts
+    if exhausted and not (unknown and spec.on_failure != "step_dead_lettered"):
+        # Out of attempts, and the effect is known not to have happened (or an
+        # operator will re-drive it with the same key): fail for good.
+        return _commit_failure(conn, row, spec, ctx, outcome, config)
+    # Retry.  A step whose outcome is unknown and whose failure would compensate
+    # is replayed (same key) until it answers: compensating blind could keep
+    # money that was taken, or refund money that never was.
+    attempt = min(row.attempts, spec.retry.max_attempts)
+    delay = backoff_s(spec.retry, attempt, config.backoff_scale)
+    if outcome.retry_after_s is not None:
+        delay = max(delay, outcome.retry_after_s)
+    with conn.transaction():
+        updated = conn.execute(
+            QUERIES["retry_outbox_row"],
+            {
+                "id": row.id,
+                "owner": config.owner,
+                "fence": row.fence,
+                "delay_s": delay,
+                "error": outcome.error,
+                "payload": Jsonb({"unknown_outcome": True} if unknown else {}),
+            },
+        ).fetchone()
+    if updated is None:
+        return "stale"
+    return "replay" if unknown else "retry"

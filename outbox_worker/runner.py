@@ -1,0 +1,223 @@
+"""The worker daemon: claim, run concurrently, commit; LISTEN/NOTIFY wake-ups; housekeeping.
+
+`Worker.run_once()` processes what is ready and returns how many rows it
+handled; the daemon (`run_forever`) is a loop around the same pieces that keeps
+`concurrency` calls in flight, wakes on NOTIFY (polling at most every second
+as a fallback), heartbeats the leases of long calls and drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from outbox_worker.core import ClaimedRow, ProviderCalls, WorkerConfig, claim, process
+from sql import QUERIES
+from statemachine.engine import advance
+from statemachine.errors import IllegalTransition
+
+log = logging.getLogger("orderflow.worker")
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        url: str,
+        providers: ProviderCalls,
+        *,
+        concurrency: int = 4,
+        lease_s: float = 30.0,
+        poll_s: float = 1.0,
+        backoff_scale: float = 1.0,
+        housekeeping_s: float = 5.0,
+        idempotency_retention_h: int = 72,
+        outbox_retention_days: int = 7,
+        owner: str | None = None,
+    ) -> None:
+        self.url = url
+        self.providers = providers
+        self.concurrency = max(1, concurrency)
+        self.poll_s = min(poll_s, 1.0)
+        self.housekeeping_s = housekeeping_s
+        self.idempotency_retention_h = idempotency_retention_h
+        self.outbox_retention_days = outbox_retention_days
+        self.config = WorkerConfig(
+            owner=owner or default_owner(), lease_s=lease_s, backoff_scale=backoff_scale
+        )
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=self.concurrency + 2,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            open=True,
+            name="orderflow-worker",
+        )
+        self.stop = threading.Event()
+        self._wake = threading.Event()
+        self._inflight: dict[int, ClaimedRow] = {}
+        self._lock = threading.Lock()
+        self._last_housekeeping = 0.0
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # ------------------------------------------------------------ one pass
+
+    def run_once(self) -> int:
+        """Expire due reservations, then claim and process every ready row once."""
+        self.expire_reservations()
+        with self.pool.connection() as conn:
+            rows = claim(conn, self.config, self.concurrency)
+        if not rows:
+            return 0
+        with ThreadPoolExecutor(self.concurrency) as executor:
+            list(executor.map(self._process, rows))
+        return len(rows)
+
+    def _process(self, row: ClaimedRow) -> str:
+        with self._lock:
+            self._inflight[row.id] = row
+        try:
+            with self.pool.connection() as conn:
+                return process(conn, row, self.providers, self.config)
+        except Exception:
+            log.exception("step crashed", extra={"order_id": row.order_id, "step": row.step})
+            return "crashed"  # the lease expires and another attempt picks it up
+        finally:
+            with self._lock:
+                self._inflight.pop(row.id, None)
+            self._wake.set()
+
+    # ------------------------------------------------------------ housekeeping
+
+    def expire_reservations(self, limit: int = 100) -> int:
+        """reservation_expired for reserved orders past their hold; payment racing it
+        is settled by the order's row lock and the guarded UPDATE."""
+        expired = 0
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            while True:
+                with conn.transaction():
+                    cur.execute(QUERIES["expired_reservations"], {"limit": limit})
+                    ids = [r["id"] for r in cur.fetchall()]
+                    for order_id in ids:
+                        try:
+                            advance(conn, order_id, "reservation_expired", {})
+                            expired += 1
+                        except IllegalTransition:
+                            pass
+                if len(ids) < limit:
+                    return expired
+
+    def housekeeping(self) -> None:
+        self.expire_reservations()
+        with self.pool.connection() as conn:
+            conn.execute(
+                QUERIES["purge_idempotency_keys"],
+                {"hours": self.idempotency_retention_h, "limit": 1000},
+            )
+            conn.execute(
+                QUERIES["purge_done_outbox"], {"days": self.outbox_retention_days, "limit": 1000}
+            )
+        self._last_housekeeping = time.monotonic()
+
+    # ------------------------------------------------------------ the daemon
+
+    def run_forever(self, grace_s: float = 10.0) -> None:
+        listener = threading.Thread(target=self._listen, name="listen", daemon=True)
+        listener.start()
+        heart = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heart.start()
+        futures: set[Future[str]] = set()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="step") as executor:
+            while not self.stop.is_set():
+                if time.monotonic() - self._last_housekeeping > self.housekeeping_s:
+                    self._guard(self.housekeeping)
+                futures = {f for f in futures if not f.done()}
+                free = self.concurrency - len(futures)
+                rows: list[ClaimedRow] = []
+                if free > 0:
+                    rows = self._guard(lambda free=free: self._claim(free)) or []
+                    for row in rows:
+                        futures.add(executor.submit(self._process, row))
+                if not rows or len(futures) >= self.concurrency:
+                    self._wake.wait(self.poll_s)
+                    self._wake.clear()
+            self._drain(futures, grace_s)
+        log.info("worker stopped", extra={"outcome": "stopped"})
+
+    def _claim(self, limit: int) -> list[ClaimedRow]:
+        with self.pool.connection() as conn:
+            return claim(conn, self.config, limit)
+
+    def _guard(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except psycopg.Error as exc:
+            log.warning("database error: %s", type(exc).__name__)
+            time.sleep(self.poll_s)
+            return None
+
+    def _drain(self, futures: set[Future[str]], grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        for future in futures:
+            # timed out or crashed: its row is released below
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            leftover = list(self._inflight)
+        if leftover:
+            with self.pool.connection() as conn:
+                conn.execute(
+                    QUERIES["release_outbox_rows"], {"ids": leftover, "owner": self.config.owner}
+                )
+
+    def _listen(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    conn.execute(QUERIES["listen_outbox"])
+                    while not self.stop.is_set():
+                        for _ in conn.notifies(timeout=self.poll_s, stop_after=1):
+                            self._wake.set()
+            except psycopg.Error:
+                time.sleep(self.poll_s)
+
+    def _heartbeat(self) -> None:
+        interval = self.config.lease_s / 3
+        while not self.stop.wait(interval):
+            with self._lock:
+                ids = list(self._inflight)
+            if ids:
+                self._guard(lambda ids=ids: self._extend(ids))
+
+    def _extend(self, ids: list[int]) -> None:
+        with self.pool.connection() as conn:
+            conn.execute(
+                QUERIES["extend_leases"],
+                {"ids": ids, "owner": self.config.owner, "lease_s": self.config.lease_s},
+            )
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            log.info("signal %s: draining", signum)
+            self.stop.set()
+            self._wake.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

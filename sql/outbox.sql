@@ -1,0 +1,157 @@
+-- claim_outbox --
+-- Claim up to n ready rows (pending and due, or in flight with an expired lease): lease them, bump the fence
+WITH ready AS (
+    SELECT id
+      FROM outbox
+     WHERE (status = 'pending' AND available_at <= now())
+        OR (status = 'in_flight' AND lease_until < now())
+     ORDER BY available_at, id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox o
+   SET status = 'in_flight',
+       lease_owner = %(owner)s,
+       lease_until = now() + make_interval(secs => %(lease_s)s),
+       fence = o.fence + 1,
+       attempts = o.attempts + 1,
+       claimed_at = COALESCE(o.claimed_at, clock_timestamp())
+  FROM ready
+ WHERE o.id = ready.id
+RETURNING o.id, o.order_id, o.step, o.idempotency_key, o.fence, o.attempts, o.payload,
+          o.created_at, o.available_at, now() AS claimed_at;
+
+-- step_context --
+-- What a step needs to know about its order: state, money, address, lines, payment and shipment references
+SELECT o.id, o.state, o.total_cents, o.currency, o.payment_method_id, o.shipping_address, o.email,
+       COALESCE(
+           (SELECT json_agg(json_build_object('sku', l.sku, 'qty', l.qty) ORDER BY l.sku)
+              FROM order_lines l WHERE l.order_id = o.id),
+           '[]'::json) AS lines,
+       (SELECT p.provider_ref FROM payments p
+         WHERE p.order_id = o.id AND p.kind = 'charge' AND p.status = 'succeeded') AS payment_intent_id,
+       (SELECT p.amount_cents FROM payments p
+         WHERE p.order_id = o.id AND p.kind = 'charge' AND p.status = 'succeeded') AS captured_cents,
+       (SELECT s.carrier_ref FROM shipments s
+         WHERE s.order_id = o.id AND s.kind = 'outbound') AS shipment_id,
+       (SELECT s.tracking_number FROM shipments s
+         WHERE s.order_id = o.id AND s.kind = 'outbound') AS tracking_number
+  FROM orders o
+ WHERE o.id = %(order_id)s;
+
+-- finish_outbox_row --
+-- Mark a claimed row done, only if our lease still holds (owner and fence)
+UPDATE outbox
+   SET status = 'done', done_at = now(), lease_owner = NULL, lease_until = NULL,
+       last_error = %(note)s
+ WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
+RETURNING id;
+
+-- retry_outbox_row --
+-- Put a claimed row back to pending after a transient failure, due after the backoff
+UPDATE outbox
+   SET status = 'pending', lease_owner = NULL, lease_until = NULL,
+       available_at = now() + make_interval(secs => %(delay_s)s), last_error = %(error)s,
+       payload = payload || %(payload)s
+ WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
+RETURNING id;
+
+-- dead_outbox_row --
+-- Dead-letter a claimed row: it waits for an operator
+UPDATE outbox
+   SET status = 'dead', lease_owner = NULL, lease_until = NULL, last_error = %(error)s
+ WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
+RETURNING id;
+
+-- release_outbox_rows --
+-- On shutdown: give our unfinished rows back at once (the attempt does not count)
+UPDATE outbox
+   SET status = 'pending', lease_owner = NULL, lease_until = NULL, available_at = now(),
+       attempts = GREATEST(attempts - 1, 0)
+ WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND lease_owner = %(owner)s
+RETURNING id;
+
+-- extend_leases --
+-- Heartbeat: keep our in-flight rows leased while their calls run
+UPDATE outbox
+   SET lease_until = now() + make_interval(secs => %(lease_s)s)
+ WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND lease_owner = %(owner)s
+RETURNING id;
+
+-- redrive_outbox_row --
+-- Operator: a dead row goes back to pending with a fresh attempt budget
+UPDATE outbox
+   SET status = 'pending', attempts = 0, available_at = now(), lease_owner = NULL,
+       lease_until = NULL
+ WHERE id = %(id)s AND status = 'dead'
+RETURNING id, order_id, step;
+
+-- list_outbox --
+-- Outbox rows for operators, newest first, optionally only dead ones
+SELECT id, order_id, step, status, attempts, available_at, lease_owner, last_error, created_at
+  FROM outbox
+ WHERE (NOT %(dead_only)s OR status = 'dead')
+   AND (%(include_done)s OR status <> 'done')
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
+-- expired_reservations --
+-- Orders still reserved whose reservation has expired (locked, skipping ones being worked on)
+SELECT o.id
+  FROM reservations r
+  JOIN orders o ON o.id = r.order_id
+ WHERE r.expires_at < now() AND r.consumed_at IS NULL AND r.released_at IS NULL
+   AND o.state = 'reserved'
+ ORDER BY r.expires_at
+ LIMIT %(limit)s
+   FOR UPDATE OF o SKIP LOCKED;
+
+-- purge_idempotency_keys --
+-- Forget finished idempotency keys older than the retention (bounded batch)
+DELETE FROM idempotency_keys
+ WHERE id IN (SELECT id FROM idempotency_keys
+               WHERE created_at < now() - make_interval(hours => %(hours)s)
+               ORDER BY id LIMIT %(limit)s);
+
+-- purge_done_outbox --
+-- Delete done outbox rows older than the retention (bounded batch)
+DELETE FROM outbox
+ WHERE id IN (SELECT id FROM outbox
+               WHERE status = 'done' AND done_at < now() - make_interval(days => %(days)s)
+               ORDER BY done_at LIMIT %(limit)s);
+
+-- insert_payment --
+-- Record a charge or refund outcome (the unique index allows one success of each kind)
+INSERT INTO payments (order_id, kind, status, provider_ref, amount_cents, currency,
+                      idempotency_key, failure_code)
+VALUES (%(order_id)s, %(kind)s, %(status)s, %(provider_ref)s, %(amount_cents)s, %(currency)s,
+        %(idempotency_key)s, %(failure_code)s)
+ON CONFLICT (order_id, kind) WHERE status = 'succeeded' DO NOTHING
+RETURNING id;
+
+-- insert_shipment --
+-- Record an outbound shipment or a return label
+INSERT INTO shipments (order_id, kind, carrier_ref, tracking_number, label_url, idempotency_key)
+VALUES (%(order_id)s, %(kind)s, %(carrier_ref)s, %(tracking_number)s, %(label_url)s,
+        %(idempotency_key)s)
+ON CONFLICT (order_id, kind) DO NOTHING
+RETURNING id;
+
+-- cancel_shipment_row --
+-- Record that the outbound shipment was cancelled
+UPDATE shipments
+   SET status = 'cancelled', cancelled_at = now()
+ WHERE order_id = %(order_id)s AND kind = 'outbound' AND status = 'created'
+RETURNING id;
+
+-- outbox_row --
+-- One outbox row by id
+SELECT id, order_id, step, status, attempts, last_error FROM outbox WHERE id = %(id)s;
+
+-- listen_outbox --
+-- Wake-ups: every transaction that writes outbox rows NOTIFYs this channel
+LISTEN orderflow_outbox;
+
+-- open_outbox_rows --
+-- How many outbox rows are still to be worked (pending or in flight)
+SELECT count(*) AS n FROM outbox WHERE status IN ('pending', 'in_flight');

@@ -1,0 +1,103 @@
+"""Talking to the sandbox from tests: reset, faults, effects; and running the worker dry."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import psycopg
+
+from outbox_worker.providers import ProviderConfig
+
+
+class SandboxClient:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_sandbox/reset").raise_for_status()
+
+    def faults(self, *rules: dict[str, Any]) -> None:
+        httpx.post(f"{self.url}/_sandbox/faults", json={"rules": list(rules)}).raise_for_status()
+
+    def effects(self, kind: str | None = None, order_id: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"kind": kind, "order_id": order_id}.items() if v}
+        response = httpx.get(f"{self.url}/_sandbox/effects", params=params)
+        response.raise_for_status()
+        return list(response.json()["effects"])
+
+    def provider_config(self, timeout_s: float = 1.0) -> ProviderConfig:
+        return ProviderConfig(
+            stripe_api_key="sk_test_orderflow",
+            stripe_api_base=self.url,
+            shipping_api_base=self.url,
+            email_api_base=self.url,
+            timeout_s=timeout_s,
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            "STRIPE_API_KEY": "sk_test_orderflow",
+            "STRIPE_API_BASE": self.url,
+            "SHIPPING_API_BASE": self.url,
+            "EMAIL_API_BASE": self.url,
+            "ORDERFLOW_PROVIDER_TIMEOUT_S": "1",
+            "ORDERFLOW_BACKOFF_SCALE": "0.01",
+        }
+
+
+SETTLED = ("confirmed", "returned", "cancelled", "needs_attention")
+
+
+def open_rows(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) AS n FROM outbox WHERE status IN ('pending', 'in_flight')"
+    ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def drain(worker: Any, conn: psycopg.Connection[Any], timeout_s: float = 30.0) -> None:
+    """Run the worker until no outbox row is pending or in flight."""
+    deadline = time.monotonic() + timeout_s
+    while open_rows(conn):
+        assert time.monotonic() < deadline, "the outbox did not drain"
+        if worker.run_once() == 0:
+            time.sleep(0.02)
+
+
+def states(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    return {r["id"]: r["state"] for r in conn.execute("SELECT id, state FROM orders")}
+
+
+def check_invariants(conn: psycopg.Connection[Any], effects: list[dict[str, Any]]) -> None:
+    """SPEC.md's invariants that a test can see (the doctor will own these)."""
+    keys = [e["idempotency_key"] for e in effects]
+    assert len(keys) == len(set(keys)), "a provider saw an effect twice for one key"
+    charges: dict[str, int] = {}
+    refunds: dict[str, int] = {}
+    for e in effects:
+        if e["kind"] == "charge":
+            charges[e["order_id"]] = charges.get(e["order_id"], 0) + 1
+        if e["kind"] == "refund":
+            refunds[e["order_id"]] = refunds.get(e["order_id"], 0) + 1
+    assert all(n == 1 for n in charges.values()), charges
+    order_states = states(conn)
+    for order_id in charges:
+        state = order_states[order_id]
+        kept = state in ("shipped", "confirmed", "return_requested", "awaiting_return")
+        assert kept or refunds.get(order_id) == 1 or state == "needs_attention", (
+            order_id,
+            state,
+        )
+    bad = conn.execute(
+        "SELECT p.sku FROM products p WHERE p.available <>"
+        " (SELECT COALESCE(sum(delta), 0) FROM stock_ledger l WHERE l.sku = p.sku)"
+    ).fetchall()
+    assert bad == [], bad
+    live_or_sold = conn.execute(
+        "SELECT o.id, o.state FROM orders o JOIN reservations r ON r.order_id = o.id"
+        " WHERE r.released_at IS NULL AND o.state IN ('cancelled')"
+    ).fetchall()
+    assert live_or_sold == [], live_or_sold

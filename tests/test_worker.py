@@ -1,0 +1,276 @@
+"""The outbox worker against real Postgres and the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from orderflow.db import connect
+from outbox_worker.core import WorkerConfig, claim, process
+from outbox_worker.runner import Worker
+from tests.helpers import place
+from tests.sandbox_client import check_invariants, drain, states
+
+
+def _history(conn: psycopg.Connection[Any], order_id: str) -> list[tuple[str, str | None]]:
+    rows = conn.execute(
+        "SELECT event, detail->>'step' AS step FROM order_history WHERE order_id = %s ORDER BY id",
+        (order_id,),
+    ).fetchall()
+    return [(r["event"], r["step"]) for r in rows]
+
+
+def _available(conn: psycopg.Connection[Any], sku: str) -> int:
+    row = conn.execute("SELECT available FROM products WHERE sku = %s", (sku,)).fetchone()
+    assert row is not None
+    return int(row["available"])
+
+
+def _kinds(effects: list[dict[str, Any]]) -> list[str]:
+    return [e["kind"] for e in effects]
+
+
+def test_happy_path(conn: Any, worker: Worker, sandbox: Any) -> None:
+    stock = _available(conn, "TEE-M")
+    order = place(conn, [("TEE-M", 2)])
+    drain(worker, conn)
+    assert states(conn)[order.id] == "confirmed"
+    assert _kinds(sandbox.effects(order_id=order.id)) == ["charge", "shipment", "email"]
+    charge = sandbox.effects(kind="charge")[0]
+    assert charge["amount"] == order.total_cents
+    assert charge["idempotency_key"] == f"{order.id}:charge_payment"
+    payment = conn.execute("SELECT * FROM payments WHERE order_id = %s", (order.id,)).fetchone()
+    assert payment["status"] == "succeeded" and payment["provider_ref"].startswith("pi_")
+    shipment = conn.execute("SELECT * FROM shipments WHERE order_id = %s", (order.id,)).fetchone()
+    assert shipment["tracking_number"].startswith("1Z")
+    reservation = conn.execute(
+        "SELECT consumed_at, released_at FROM reservations WHERE order_id = %s", (order.id,)
+    ).fetchone()
+    assert reservation["consumed_at"] is not None and reservation["released_at"] is None
+    assert _available(conn, "TEE-M") == stock - 2  # sold
+    check_invariants(conn, sandbox.effects())
+
+
+@pytest.mark.parametrize(
+    "card", ["pm_card_chargeDeclined", "pm_card_chargeDeclinedInsufficientFunds"]
+)
+def test_declined_card_cancels_and_puts_stock_back(
+    conn: Any, worker: Worker, sandbox: Any, card: str
+) -> None:
+    stock = _available(conn, "CAP-01")
+    order = place(conn, [("CAP-01", 3)], payment_method=card)
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert sandbox.effects(order_id=order.id) == []
+    assert _available(conn, "CAP-01") == stock
+    assert _history(conn, order.id) == [
+        ("place", None),
+        ("payment_failed", "charge_payment"),
+        ("compensation_done", "release_inventory"),
+    ]
+    failed = conn.execute(
+        "SELECT failure_code FROM payments WHERE order_id = %s", (order.id,)
+    ).fetchone()
+    assert failed["failure_code"] in ("generic_decline", "insufficient_funds")
+    check_invariants(conn, sandbox.effects())
+
+
+def test_two_server_errors_then_success_charge_once(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    sandbox.faults({"endpoint": "charge", "mode": "error", "status": 500, "count": 2})
+    order = place(conn)
+    drain(worker, conn)
+    assert states(conn)[order.id] == "confirmed"
+    assert _kinds(sandbox.effects(order_id=order.id)) == ["charge", "shipment", "email"]
+    attempts = conn.execute(
+        "SELECT attempts FROM outbox WHERE order_id = %s AND step = 'charge_payment'", (order.id,)
+    ).fetchone()
+    assert attempts["attempts"] == 3
+
+
+def test_three_server_errors_compensate(conn: Any, worker: Worker, sandbox: Any) -> None:
+    sandbox.faults({"endpoint": "charge", "mode": "error", "status": 503})
+    order = place(conn)
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert sandbox.effects() == []
+
+
+def test_rate_limit_retry_after_is_honoured(conn: Any, worker: Worker, sandbox: Any) -> None:
+    sandbox.faults({"endpoint": "charge", "mode": "rate_limit", "retry_after": 1, "count": 1})
+    order = place(conn)
+    started = time.monotonic()
+    assert worker.run_once() == 1
+    row = conn.execute(
+        "SELECT status, available_at - now() AS wait FROM outbox WHERE order_id = %s", (order.id,)
+    ).fetchone()
+    assert row["status"] == "pending"
+    assert row["wait"].total_seconds() > 0.8  # backoff scale is 0.01: this is Retry-After
+    drain(worker, conn)
+    assert time.monotonic() - started >= 1.0
+    assert states(conn)[order.id] == "confirmed"
+    assert len(sandbox.effects(kind="charge")) == 1
+
+
+def test_shipping_fails_after_charge_refund_then_release(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    stock = _available(conn, "LAMP-01")
+    sandbox.faults({"endpoint": "shipment", "mode": "error", "status": 422})
+    order = place(conn, [("LAMP-01", 1)])
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert _history(conn, order.id) == [
+        ("place", None),
+        ("payment_captured", "charge_payment"),
+        ("shipment_failed", "ship_order"),
+        ("compensation_done", "refund_payment"),
+        ("compensation_done", "release_inventory"),
+    ]
+    effects = sandbox.effects(order_id=order.id)
+    assert _kinds(effects) == ["charge", "refund"]
+    assert effects[1]["amount"] == order.total_cents
+    assert _available(conn, "LAMP-01") == stock
+    check_invariants(conn, sandbox.effects())
+
+
+@pytest.mark.parametrize("endpoint", ["charge", "shipment"])
+def test_timeout_after_success_has_exactly_one_effect(
+    conn: Any, worker: Worker, sandbox: Any, endpoint: str
+) -> None:
+    sandbox.faults({"endpoint": endpoint, "mode": "timeout_after_success", "count": 1, "hang_s": 3})
+    order = place(conn)
+    drain(worker, conn, timeout_s=60)
+    assert states(conn)[order.id] == "confirmed"
+    assert _kinds(sandbox.effects(order_id=order.id)) == ["charge", "shipment", "email"]
+    check_invariants(conn, sandbox.effects())
+
+
+def test_unknown_outcome_is_never_compensated_blind(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    """Charge times out (after charging), then the provider errors past the attempt limit:
+    the worker keeps replaying the key instead of cancelling an order that was paid."""
+    sandbox.faults({"endpoint": "charge", "mode": "timeout_after_success", "count": 1, "hang_s": 3})
+    order = place(conn)
+    worker.run_once()  # times out: unknown
+    sandbox.faults({"endpoint": "charge", "mode": "error", "status": 500, "count": 5})
+    drain(worker, conn, timeout_s=60)
+    assert states(conn)[order.id] == "confirmed"
+    assert len(sandbox.effects(kind="charge")) == 1
+    assert sandbox.effects(kind="refund") == []
+
+
+def test_stale_lease_cannot_commit(db_url: str, conn: Any, providers: Any, sandbox: Any) -> None:
+    order = place(conn)
+    slow = WorkerConfig(owner="slow", lease_s=30, backoff_scale=0.01)
+    fast = WorkerConfig(owner="fast", lease_s=30, backoff_scale=0.01)
+    with connect(db_url) as c1, connect(db_url) as c2:
+        [row_slow] = claim(c1, slow, 10)
+        conn.execute("UPDATE outbox SET lease_until = now() - interval '1 second'")
+        [row_fast] = claim(c2, fast, 10)
+        assert row_fast.fence == row_slow.fence + 1
+        # the slow one calls the provider, then finds its lease taken at commit
+        assert process(c1, row_slow, providers, slow) == "stale"
+        assert process(c2, row_fast, providers, fast) == "done"
+    assert states(conn)[order.id] == "paid"
+    history = [e for e, _ in _history(conn, order.id)]
+    assert history == ["place", "payment_captured"]  # once, not twice
+    assert len(sandbox.effects(kind="charge")) == 1  # the replay was answered from the record
+
+
+def test_expiry_before_the_charge_runs_skips_it(conn: Any, worker: Worker, sandbox: Any) -> None:
+    stock = _available(conn, "BAG-01")
+    order = place(conn, [("BAG-01", 2)])
+    conn.execute(
+        "UPDATE reservations SET expires_at = now() - interval '1 second', created_at ="
+        " now() - interval '1 hour' WHERE order_id = %s",
+        (order.id,),
+    )
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert sandbox.effects() == []
+    assert _available(conn, "BAG-01") == stock
+    events = [e for e, _ in _history(conn, order.id)]
+    assert events == ["place", "reservation_expired", "compensation_done"]
+
+
+def test_capture_after_expiry_is_refunded(conn: Any, worker: Worker, sandbox: Any) -> None:
+    """The charge is in flight when the reservation expires: exactly one of the two wins
+    the order's row; the capture that lands after expiry is refunded, never kept."""
+    stock = _available(conn, "BAG-01")
+    sandbox.faults({"endpoint": "charge", "mode": "latency", "latency_ms": 600})
+    order = place(conn, [("BAG-01", 1)])
+
+    def expire_during_the_call() -> None:
+        time.sleep(0.2)
+        with connect(worker.url) as c:
+            c.execute(
+                "UPDATE reservations SET expires_at = now() - interval '1 second', created_at ="
+                " now() - interval '1 hour' WHERE order_id = %s",
+                (order.id,),
+            )
+        worker.expire_reservations()
+
+    expiring = threading.Thread(target=expire_during_the_call)
+    expiring.start()
+    worker.run_once()
+    expiring.join()
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert _kinds(sandbox.effects(order_id=order.id)) == ["charge", "refund"]
+    assert _available(conn, "BAG-01") == stock
+    events = [e for e, _ in _history(conn, order.id)]
+    assert events[:3] == ["place", "reservation_expired", "payment_captured"]
+    check_invariants(conn, sandbox.effects())
+
+
+def test_return_flow(conn: Any, worker: Worker, sandbox: Any) -> None:
+    from statemachine.engine import advance
+
+    stock = _available(conn, "PEN-05")
+    order = place(conn, [("PEN-05", 1)])
+    drain(worker, conn)
+    advance(conn, order.id, "return_requested", {"reason": "scratched"})
+    drain(worker, conn)
+    assert states(conn)[order.id] == "awaiting_return"
+    advance(conn, order.id, "return_received", {})
+    drain(worker, conn)
+    assert states(conn)[order.id] == "returned"
+    assert _kinds(sandbox.effects(order_id=order.id)) == [
+        "charge",
+        "shipment",
+        "email",
+        "return_label",
+        "refund",
+    ]
+    assert _available(conn, "PEN-05") == stock  # restocked once
+    restocks = conn.execute(
+        "SELECT count(*) AS n FROM stock_ledger WHERE order_id = %s AND kind = 'restock'",
+        (order.id,),
+    ).fetchone()
+    assert restocks["n"] == 1
+    check_invariants(conn, sandbox.effects())
+
+
+def test_dead_letter_and_redrive(conn: Any, worker: Worker, sandbox: Any) -> None:
+    from outbox_worker.operations import redrive
+
+    sandbox.faults({"endpoint": "email", "mode": "error", "status": 500})
+    order = place(conn)
+    drain(worker, conn, timeout_s=60)
+    assert states(conn)[order.id] == "needs_attention"
+    dead = conn.execute("SELECT id, step, last_error FROM outbox WHERE status = 'dead'").fetchall()
+    assert [(d["step"]) for d in dead] == ["send_confirmation"]
+    assert "500" in dead[0]["last_error"]
+    sandbox.faults()
+    print(redrive(conn, dead[0]["id"]))
+    assert states(conn)[order.id] == "shipped"
+    drain(worker, conn)
+    assert states(conn)[order.id] == "confirmed"
+    assert len(sandbox.effects(kind="email")) == 1
