@@ -194,6 +194,28 @@ def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
     return bench_saga(args.orders, args.workers, args.concurrency, args.pgbench_seconds)
 
 
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from orderflow.reporting import VIEWS, fetch, render_csv, render_json, render_table
+
+    names = [args.name] if args.name else list(VIEWS)
+    if args.name and args.name not in VIEWS:
+        print(f"orderflow report: unknown report {args.name!r}; one of: {', '.join(VIEWS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.format == "csv" and len(names) != 1:
+        print("orderflow report: --format csv needs one report NAME", file=sys.stderr)
+        return 2
+    with _connect_migrated(settings) as conn:
+        reports = {name: fetch(conn, name) for name in names}
+    if args.format == "json":
+        print(render_json(reports))
+    elif args.format == "csv":
+        sys.stdout.write(render_csv(reports[names[0]]))
+    else:
+        print("\n".join(render_table(name, rows) for name, rows in reports.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orderflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = outbox_sub.add_parser("retry", help="re-drive a dead letter")
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_outbox_retry)
+
+    p = sub.add_parser("report", help="print the reporting views")
+    p.add_argument("name", nargs="?", help="one view (default: all)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks; the last line of output is JSON")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)

@@ -212,6 +212,7 @@ order_history = Table(
     ),
     CheckConstraint(_in_list("to_state", ORDER_STATES), name="to_state_known"),
     Index(None, "order_id", "id"),
+    Index("ix_order_history_to_state", "to_state", "order_id"),
 )
 
 outbox = Table(
@@ -285,6 +286,7 @@ payments = Table(
         postgresql_where=text("status = 'succeeded'"),
     ),
     Index(None, "idempotency_key"),
+    Index("ix_payments_order_kind_status", "order_id", "kind", "status"),
 )
 
 shipments = Table(

@@ -1,0 +1,88 @@
+"""`orderflow report`: the reporting views as tables, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from sql import QUERIES
+
+VIEWS: tuple[str, ...] = (
+    "order_states",
+    "funnel",
+    "state_durations",
+    "stuck_orders",
+    "outbox_backlog",
+    "compensations",
+    "daily_sales",
+)
+
+
+def fetch(conn: psycopg.Connection[Any], view: str) -> list[dict[str, Any]]:
+    if view not in VIEWS:
+        raise ValueError(f"unknown report {view!r}; one of: {', '.join(VIEWS)}")
+    return [dict(row) for row in conn.execute(QUERIES[f"report_{view}"])]
+
+
+def plain(value: Any) -> Any:
+    """A JSON/CSV-friendly form: intervals in seconds, numerics as numbers, times in ISO 8601."""
+    if isinstance(value, timedelta):
+        return round(value.total_seconds(), 3)
+    if isinstance(value, Decimal):
+        return float(value) if value % 1 else int(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def render_json(reports: dict[str, list[dict[str, Any]]]) -> str:
+    return json.dumps(
+        {
+            name: [{k: plain(v) for k, v in row.items()} for row in rows]
+            for name, rows in reports.items()
+        },
+        indent=2,
+    )
+
+
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: plain(v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def render_table(name: str, rows: list[dict[str, Any]]) -> str:
+    lines = [f"== {name} ({len(rows)} rows)"]
+    if not rows:
+        return lines[0] + "\n   (none)\n"
+    headers = list(rows[0])
+    cells = [[_cell(row[h]) for h in headers] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    for c in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, timedelta):
+        seconds = int(value.total_seconds())
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    text = str(plain(value))
+    return text if len(text) <= 60 else text[:57] + "..."
