@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -18,7 +18,7 @@ from orderflow import PROJECT_ROOT
 from orderflow.reporting import VIEWS, fetch
 from statemachine.definition import STATE_TIMEOUT_MINUTES, OrderState
 
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 D1 = (NOW - timedelta(days=3)).replace(hour=10, minute=0, second=0)
 D2 = (NOW - timedelta(days=2)).replace(hour=9, minute=0, second=0)
 M = timedelta(minutes=1)
@@ -227,7 +227,7 @@ def test_reporting_reader_sees_views_and_nothing_else(conn: Any, known: dict[str
             fetch(conn, view)
         for table in ("orders", "carts", "payments", "order_history", "idempotency_keys"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
-                conn.execute(f"SELECT 1 FROM public.{table} LIMIT 1")  # noqa: S608
+                conn.execute(f"SELECT 1 FROM public.{table} LIMIT 1")
 
 
 def test_report_json_parses(db_url: str, known: dict[str, str]) -> None:
