@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from starlette.responses import Response
 
 from app.errors import ApiError, dumps, to_api_error
 from orderflow.idempotency import MAX_KEY_LENGTH
+from orderflow.metrics import HTTP_LATENCY
 
 log = logging.getLogger("orderflow.http")
 
@@ -61,15 +63,21 @@ def _safe_exc_info(exc: BaseException) -> BaseException | bool:
     return False if isinstance(exc, psycopg.Error) else exc
 
 
-def json_endpoint(handler: Handler) -> Handler:
-    """Every outcome of a handler is a JSON answer; nothing escapes as a traceback."""
+def json_endpoint(handler: Handler, route: str) -> Handler:
+    """Every outcome of a handler is a JSON answer (nothing escapes as a traceback),
+    and its latency is observed by route template, method and status."""
 
     @functools.wraps(handler)
     async def wrapper(request: Request) -> Response:
+        started = time.perf_counter()
         try:
-            return await handler(request)
+            response = await handler(request)
         except Exception as exc:
-            return error_response(exc)
+            response = error_response(exc)
+        HTTP_LATENCY.labels(route, request.method, str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+        return response
 
     return wrapper
 

@@ -23,6 +23,7 @@ from app.openapi import openapi_document
 from app.routes import route_handlers
 from orderflow.config import Settings
 from orderflow.db import resolve_url
+from orderflow.metrics import install_database_gauges
 from orderflow.service import OrderLimits
 
 DOCS_HTML = """<!doctype html>
@@ -75,6 +76,7 @@ def create_app(
     url = database_url or resolve_url(settings)
     pool = make_pool(url)
     ctx = AppContext(settings=settings, limits=limits or OrderLimits.from_env(), pool=pool)
+    install_database_gauges(lambda: pool.connection(timeout=1.0))
     document = dumps(openapi_document())
 
     @contextlib.asynccontextmanager

@@ -10,6 +10,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from app.routes import OPERATIONS, Operation
 
 REF = "#/components/schemas/{model}"
+TEXT = {"type": "string"}
 
 
 def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
@@ -52,7 +53,10 @@ def _operation(op: Operation) -> dict[str, Any]:
                     ),
                 }
                 if model
-                else {"description": text}
+                else {
+                    "description": text,
+                    "content": {op.media_type: {"schema": {"type": "string"}}},
+                }
             )
             for status, (model, text) in sorted(op.responses.items())
         },

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -25,6 +26,7 @@ from app.errors import ApiError, dumps, to_api_error
 from app.http import Handler, idempotency_key, json_endpoint, json_response, read_json, render
 from orderflow import service
 from orderflow.idempotency import Answer, IdempotentResult, request_fingerprint, run_idempotent
+from orderflow.metrics import REGISTRY
 from statemachine.definition import OrderState
 
 ULID_RE = re.compile(schemas.ULID_PATTERN)
@@ -204,6 +206,11 @@ async def receive_return(request: Request) -> Response:
     return render(200, await _db(request, service.receive_return, order_id=order_id))
 
 
+async def metrics(request: Request) -> Response:
+    body = await run_in_threadpool(generate_latest, REGISTRY)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 async def healthz(request: Request) -> Response:
     ctx = _ctx(request)
 
@@ -244,6 +251,7 @@ class Operation:
     idempotent: bool = False
     query: tuple[QueryParam, ...] = ()
     tags: tuple[str, ...] = field(default=("orders",))
+    media_type: str = "application/json"
 
 
 E = schemas.ErrorBody
@@ -376,11 +384,22 @@ OPERATIONS: tuple[Operation, ...] = (
         auth=False,
         tags=("operations",),
     ),
+    Operation(
+        "GET",
+        "/metrics",
+        metrics,
+        "metrics",
+        "Prometheus metrics: orders by state, outbox backlog, HTTP latency",
+        {200: (None, "Prometheus text exposition format")},
+        auth=False,
+        tags=("operations",),
+        media_type="text/plain",
+    ),
 )
 
 
 def route_handlers() -> list[tuple[str, str, Handler]]:
-    return [(op.path, op.method, json_endpoint(op.handler)) for op in OPERATIONS]
+    return [(op.path, op.method, json_endpoint(op.handler, op.path)) for op in OPERATIONS]
 
 
 __all__ = ["OPERATIONS", "Operation", "Unauthorized", "route_handlers", "uuid"]

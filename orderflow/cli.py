@@ -140,6 +140,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         backoff_scale=float(os.environ.get("ORDERFLOW_BACKOFF_SCALE", "1")),
     )
     worker.install_signal_handlers()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        from orderflow.metrics import REGISTRY, install_database_gauges
+
+        install_database_gauges(lambda: worker.pool.connection(timeout=1.0))
+        try:
+            start_http_server(args.metrics_port, addr=args.metrics_host, registry=REGISTRY)
+        except OSError as exc:
+            print(f"orderflow worker: metrics port {args.metrics_port}: {exc}", file=sys.stderr)
     try:
         worker.run_forever(grace_s=args.grace)
     finally:
@@ -250,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="provider calls in flight")
     p.add_argument("--lease", type=float, default=30.0, help="lease of a claimed row, seconds")
     p.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM, seconds")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 

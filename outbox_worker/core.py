@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from orderflow import failpoints
+from orderflow.metrics import COMPENSATIONS, DEAD_LETTERS, STEP_LATENCY, STEP_RETRIES
 from orderflow.orders import consume_reservation, release_inventory, restock_order
 from outbox_worker.outcomes import Kind, StepOutcome, backoff_s
 from sql import QUERIES
@@ -139,6 +140,13 @@ def process(
 
 
 def _logged(row: ClaimedRow, outcome: str, started: float, error: str | None = None) -> str:
+    STEP_LATENCY.labels(row.step, outcome).observe(time.monotonic() - started)
+    if outcome in ("retry", "replay"):
+        STEP_RETRIES.labels(row.step).inc()
+    elif outcome == "dead":
+        DEAD_LETTERS.labels(row.step).inc()
+    elif outcome == "done" and STEPS_BY_NAME[row.step].compensates:
+        COMPENSATIONS.labels(row.step).inc()
     log.info(
         "step %s",
         outcome,

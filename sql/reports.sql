@@ -25,3 +25,15 @@ SELECT * FROM reporting.compensations;
 -- report_daily_sales --
 -- Orders, gross, refunds and net per day and currency
 SELECT * FROM reporting.daily_sales;
+
+-- metrics_orders_by_state --
+-- Orders per state, for the metrics gauges
+SELECT state, orders FROM reporting.order_states;
+
+-- metrics_outbox --
+-- Open and dead outbox rows per step and status with the oldest age, for the metrics gauges
+SELECT step, status, count(*) AS n,
+       EXTRACT(EPOCH FROM now() - min(created_at)) AS oldest_s
+  FROM outbox
+ WHERE status IN ('pending', 'in_flight', 'dead')
+ GROUP BY step, status;

@@ -457,3 +457,15 @@ def test_psycopg_error_is_not_a_traceback_or_5xx_for_bad_input(client: Any, db_u
     assert r.status_code == 422
     with pytest.raises(psycopg.errors.UntranslatableCharacter), connect(db_url) as conn:
         conn.execute("SELECT %s::jsonb", ('"\\u0000"',))
+
+
+def test_metrics(client: Any, db_url: str) -> None:
+    tok = token()
+    _place(client, tok, new_cart(client, tok))
+    client.get("/v1/orders/01ZZZZZZZZZZZZZZZZZZZZZZZZ", headers=auth(tok))
+    text = client.get("/metrics").text
+    assert 'orderflow_orders{state="reserved"} 1.0' in text
+    assert 'orderflow_outbox_rows{status="pending",step="charge_payment"} 1.0' in text
+    assert 'route="/v1/orders",status="201"' in text
+    assert 'route="/v1/orders/{order_id}",status="404"' in text
+    assert "orderflow_database_up 1.0" in text

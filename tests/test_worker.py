@@ -274,3 +274,37 @@ def test_dead_letter_and_redrive(conn: Any, worker: Worker, sandbox: Any) -> Non
     drain(worker, conn)
     assert states(conn)[order.id] == "confirmed"
     assert len(sandbox.effects(kind="email")) == 1
+
+
+def test_worker_metrics_count_retries_compensations_and_dead_letters(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    from prometheus_client import generate_latest
+
+    from orderflow.metrics import REGISTRY
+
+    def sample(name: str, step: str) -> float:
+        value = REGISTRY.get_sample_value(name, {"step": step})
+        return value or 0.0
+
+    before = (
+        sample("orderflow_step_retries_total", "charge_payment"),
+        sample("orderflow_compensations_total", "refund_payment"),
+        sample("orderflow_dead_letters_total", "send_confirmation"),
+    )
+    sandbox.faults({"endpoint": "charge", "mode": "error", "status": 500, "count": 1})
+    place(conn)
+    drain(worker, conn)
+    sandbox.faults({"endpoint": "shipment", "mode": "error", "status": 422})
+    place(conn)
+    drain(worker, conn)
+    sandbox.faults({"endpoint": "email", "mode": "error", "status": 400})
+    place(conn)
+    drain(worker, conn)
+    after = (
+        sample("orderflow_step_retries_total", "charge_payment"),
+        sample("orderflow_compensations_total", "refund_payment"),
+        sample("orderflow_dead_letters_total", "send_confirmation"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+    assert b"orderflow_step_duration_seconds_bucket" in generate_latest(REGISTRY)
