@@ -57,12 +57,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(f"orderflow demo on {where}")
     from orderflow import migrate
-    from orderflow.db import connect, resolve_url
+    from orderflow.db import resolve_url
 
     url = resolve_url(settings)
     migrate.upgrade(url)
-    with connect(url) as conn:
-        run_demo(conn, url, settings.reservation_ttl_seconds)
+    run_demo(settings, url, orders=args.orders, keep_running=args.keep_running)
     return 0
 
 
@@ -299,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pgbench-seconds", type=int, default=15)
     p.set_defaults(func=cmd_bench_saga)
 
-    p = sub.add_parser("demo", help="run the saga on sample orders and print them")
+    p = sub.add_parser("demo", help="the whole saga on sample orders over HTTP, then the reports")
+    p.add_argument("--orders", type=int, default=50)
+    p.add_argument("--keep-running", action="store_true", help="leave API, worker, sandbox up")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,16 +1,22 @@
-"""`orderflow demo`: the saga end to end with the real worker and the provider sandbox.
+"""`orderflow demo`: the whole saga on one machine, with no configuration.
 
-The sandbox (Stripe, carrier, e-mail stand-ins) runs in this process on a free
-port; the outbox worker drains the orders exactly as the daemon does.
+Embedded Postgres (unless DATABASE_URL is set), migrations, a sample catalog,
+the provider sandbox, the HTTP API and an outbox worker, all started here;
+then orders are placed through the HTTP API with a mix of outcomes, a progress
+bar runs until every order is settled, and the reports are printed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,10 +24,10 @@ import psycopg
 
 from orderflow import PROJECT_ROOT
 from orderflow.catalog import load_catalog
-from orderflow.orders import LineRequest, create_order
+from orderflow.config import Settings
+from orderflow.db import connect
+from orderflow.reporting import VIEWS, fetch, render_table
 from sql import QUERIES
-from statemachine.engine import advance
-from statemachine.errors import OrderflowError, OutOfStock
 
 ADDRESS = {
     "name": "Ada Lovelace",
@@ -30,125 +36,237 @@ ADDRESS = {
     "postal_code": "SW1Y 4JH",
     "country": "GB",
 }
+SETTLED = ("confirmed", "returned", "cancelled", "needs_attention")
+SKUS = ["MUG-01", "TEE-M", "TEE-L", "CAP-01", "BAG-01", "NOTE-A5"]  # the well-stocked ones
 
 
-def start_sandbox() -> tuple[str, Callable[[], None]]:
-    """The provider sandbox on a free local port, in a background thread."""
+def _free_port(preferred: int = 0) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+@contextlib.contextmanager
+def serve(app: Any, port: int) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a background thread."""
     import uvicorn
 
-    from sandbox.app import create_sandbox_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_sandbox_app(), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-
-    def stop() -> None:
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
         server.should_exit = True
-        thread.join(5)
-
-    return f"http://127.0.0.1:{port}", stop
+        thread.join(10)
 
 
-def run_demo(conn: psycopg.Connection[Any], url: str, ttl_seconds: int) -> list[str]:
+@dataclass
+class Plan:
+    """Which outcome each demo order is meant to show."""
+
+    kind: str  # "ok" | "declined" | "ship_fails" | "timeout" | "return"
+    card: str = "pm_card_visa"
+
+
+def plans(n: int) -> list[Plan]:
+    special = [
+        Plan("declined", "pm_card_chargeDeclined"),
+        Plan("declined", "pm_card_chargeDeclinedInsufficientFunds"),
+        Plan("ship_fails"),
+        Plan("return"),
+        Plan("timeout"),
+    ]
+    out = [Plan("ok") for _ in range(max(n, len(special)))]
+    step = max(1, len(out) // len(special))
+    for i, plan in enumerate(special):
+        out[min(i * step + 1, len(out) - 1)] = plan
+    return out
+
+
+def run_demo(
+    settings: Settings, url: str, orders: int = 50, keep_running: bool = False
+) -> dict[str, int]:
+    from app.auth import mint_token
+    from app.main import create_app
     from outbox_worker.providers import ProviderConfig, Providers
     from outbox_worker.runner import Worker
+    from sandbox.app import create_sandbox_app
 
-    count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
-    print(f"catalog: {count} products loaded")
-    sandbox_url, stop_sandbox = start_sandbox()
-    print(f"provider sandbox: {sandbox_url}")
-    providers = Providers(
-        ProviderConfig("sk_test_demo", sandbox_url, sandbox_url, sandbox_url, timeout_s=2.0)
+    started = time.monotonic()
+    with connect(url) as conn:
+        count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
+    print(f"catalog: {count} products from catalog/sample.csv")
+    secret = settings.jwt_secret or secrets.token_hex(32)
+    api_settings = Settings(
+        database_url=url,
+        state_dir=settings.state_dir,
+        reservation_ttl_seconds=settings.reservation_ttl_seconds,
+        jwt_secret=secret,
+        jwt_audience=settings.jwt_audience,
     )
-    worker = Worker(url, providers, concurrency=4, lease_s=10, backoff_scale=0.01)
-    user = uuid.uuid4()
-
-    def place(lines: list[LineRequest], card: str = "pm_card_visa") -> str:
-        return create_order(
-            conn,
-            user_id=user,
-            lines=lines,
-            shipping_address=ADDRESS,
-            email="ada@example.com",
-            payment_method_id=card,
-            idempotency_key=str(uuid.uuid4()),
-            ttl_seconds=ttl_seconds,
-        ).id
-
-    def faults(*rules: dict[str, Any]) -> None:
-        httpx.post(f"{sandbox_url}/_sandbox/faults", json={"rules": list(rules)})
-
-    def drain() -> None:
-        while _open_rows(conn):
-            if worker.run_once() == 0:
-                time.sleep(0.02)
-
-    order_ids: list[str] = []
-    try:
-        print("\n1. a happy order")
-        order_ids.append(place([LineRequest("MUG-01", 2), LineRequest("TEE-M", 1)]))
-        drain()
-        print("2. a declined card")
-        order_ids.append(place([LineRequest("CAP-01", 1)], "pm_card_chargeDeclined"))
-        drain()
-        print("3. the carrier refuses the parcel after the charge: refund, then release")
-        faults({"endpoint": "shipment", "mode": "error", "status": 422})
-        order_ids.append(place([LineRequest("LAMP-01", 1)]))
-        drain()
-        faults()
-        print("4. Stripe times out after charging: the worker replays the key, one charge")
-        faults({"endpoint": "charge", "mode": "timeout_after_success", "count": 1, "hang_s": 4})
-        order_ids.append(place([LineRequest("BAG-01", 1)]))
-        drain()
-        faults()
-        print("5. a return, taken through to `returned`")
-        returned = place([LineRequest("PEN-05", 1)])
-        order_ids.append(returned)
-        drain()
-        advance(conn, returned, "return_requested", {"reason": "too small"})
-        drain()
-        advance(conn, returned, "return_received", {})
-        drain()
+    with (
+        serve(create_sandbox_app(), _free_port()) as sandbox_url,
+        serve(create_app(api_settings, database_url=url), _free_port(8000)) as api_url,
+    ):
+        providers = Providers(
+            ProviderConfig("sk_test_demo", sandbox_url, sandbox_url, sandbox_url, timeout_s=2.0)
+        )
+        worker = Worker(url, providers, concurrency=8, lease_s=15)
+        worker_thread = threading.Thread(target=worker.run_forever, daemon=True)
+        worker_thread.start()
+        print(f"API {api_url}   sandbox {sandbox_url}   worker: 8 calls in flight")
         try:
-            place([LineRequest("LAMP-01", 1000)])
-        except OutOfStock as exc:
-            print(f"6. refused an order for 1000 desk lamps: {exc} (nothing written)")
-        except OrderflowError as exc:  # pragma: no cover - the demo should not get here
-            print(f"refused: {exc}")
+            result = _place_and_follow(
+                url, api_url, sandbox_url, orders, lambda u, admin=False: mint_token(
+                    u, secret=secret, audience=settings.jwt_audience, admin=admin
+                ),
+            )  # fmt: skip
+            with connect(url) as conn:
+                print()
+                for view in VIEWS:
+                    print(render_table(view, fetch(conn, view)))
+            print(f"demo finished in {time.monotonic() - started:.1f} s")
+            print(f"API docs:   {api_url}/docs")
+            print(f"metrics:    {api_url}/metrics")
+            print(f"effects:    {sandbox_url}/_sandbox/effects")
+            if keep_running:
+                _keep_running(api_url, mint_token(uuid.uuid4(), secret=secret,
+                                                  audience=settings.jwt_audience))  # fmt: skip
+        finally:
+            worker.stop.set()
+            worker_thread.join(15)
+            worker.close()
+            providers.close()
+    return result
+
+
+def _place_and_follow(
+    url: str,
+    api_url: str,
+    sandbox_url: str,
+    n: int,
+    token_for: Callable[..., str],
+) -> dict[str, int]:
+    http = httpx.Client(base_url=api_url, timeout=30)
+    users = [uuid.uuid4() for _ in range(5)]
+    admin = {"Authorization": f"Bearer {token_for(uuid.uuid4(), admin=True)}"}
+    # The sandbox's faults are global: bound each to the orders meant to show it.
+    order_ids: dict[str, str] = {}
+    returns: list[tuple[str, dict[str, str]]] = []
+    for i, plan in enumerate(plans(n)):
+        user = users[i % len(users)]
+        headers = {"Authorization": f"Bearer {token_for(user)}"}
+        if plan.kind == "ship_fails":
+            _faults(
+                sandbox_url, {"endpoint": "shipment", "mode": "error", "status": 422, "count": 1}
+            )
+        if plan.kind == "timeout":
+            _faults(sandbox_url, {"endpoint": "charge", "mode": "timeout_after_success",
+                                  "count": 1, "hang_s": 4})  # fmt: skip
+        response = http.post(
+            "/v1/carts",
+            headers=headers,
+            json={
+                "lines": [{"sku": SKUS[i % len(SKUS)], "qty": 1}],
+                "shipping_address": ADDRESS,
+                "email": f"customer{i % 5}@example.com",
+            },
+        )
+        if response.status_code != 201:
+            print(f"cart {i}: {response.status_code} {response.text[:200]}")
+            continue
+        cart = response.json()
+        order = http.post(
+            "/v1/orders",
+            headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
+            json={"cart_id": cart["id"], "payment_method_id": plan.card},
+        )
+        if order.status_code != 201:
+            print(f"order {i}: {order.status_code} {order.json()['error']['code']}")
+            continue
+        order_ids[order.json()["id"]] = plan.kind
+        if plan.kind == "return":
+            returns.append((order.json()["id"], headers))
+        if plan.kind in ("ship_fails", "timeout"):
+            _wait_for(url, [order.json()["id"]], SETTLED, 30)  # its fault is used up by it
+    for order_id, headers in returns:
+        _wait_for(url, [order_id], ("confirmed",), 60)
+        http.post(
+            f"/v1/orders/{order_id}/return",
+            headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
+            json={"reason": "the mug is too small"},
+        )
+        _wait_for(url, [order_id], ("awaiting_return",), 60)
+        http.post(f"/v1/admin/orders/{order_id}/return-received", headers=admin)
+    _progress(url, list(order_ids), timeout_s=120)
+    with connect(url) as conn:
+        final = {
+            str(row["state"]): int(str(row["orders"]))
+            for row in conn.execute(QUERIES["report_order_states"])
+            if row["orders"]
+        }
+    print("orders by state: " + ", ".join(f"{k} {v}" for k, v in final.items()))
+    return final
+
+
+def _faults(sandbox_url: str, *rules: dict[str, Any]) -> None:
+    httpx.post(f"{sandbox_url}/_sandbox/faults", json={"rules": list(rules)})
+
+
+def _states(conn: psycopg.Connection[Any], ids: list[str]) -> dict[str, str]:
+    return {r["id"]: r["state"] for r in conn.execute(QUERIES["order_states_of"], {"ids": ids})}
+
+
+def _wait_for(url: str, ids: list[str], states: tuple[str, ...], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with connect(url) as conn:
+        while not all(s in states or s in SETTLED for s in _states(conn, ids).values()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+
+
+def _progress(url: str, ids: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    tty = sys.stdout.isatty()
+    last = -1
+    with connect(url) as conn:
+        while True:
+            done = sum(s in SETTLED for s in _states(conn, ids).values())
+            if tty:
+                bar = "#" * (30 * done // len(ids))
+                print(f"\rsettling [{bar:<30}] {done}/{len(ids)}", end="", flush=True)
+            elif done != last:
+                print(f"settled {done}/{len(ids)}")
+            last = done
+            if done == len(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    if tty:
         print()
-        effects = httpx.get(f"{sandbox_url}/_sandbox/effects").json()["effects"]
-        for order_id in order_ids:
-            print_order(conn, order_id, [e for e in effects if e["order_id"] == order_id])
-    finally:
-        worker.close()
-        providers.close()
-        stop_sandbox()
-    return order_ids
 
 
-def _open_rows(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute(QUERIES["open_outbox_rows"]).fetchone()
-    assert row is not None
-    return int(row["n"])
-
-
-def print_order(
-    conn: psycopg.Connection[Any], order_id: str, effects: list[dict[str, Any]]
-) -> None:
-    state = conn.execute(QUERIES["get_order"], {"order_id": order_id}).fetchone()
-    assert state is not None
-    print(f"order {order_id}: {state['state']}")
-    for h in conn.execute(QUERIES["order_history"], {"order_id": order_id}):
-        source = h["from_state"] or "(new)"
-        step = f"  [{h['detail']['step']}]" if "step" in h["detail"] else ""
-        print(f"    {h['at']:%H:%M:%S.%f}  {source:>16} -> {h['to_state']:<16} {h['event']}{step}")
-    seen = ", ".join(f"{e['kind']}" + (f" {e['amount']}" if e["amount"] else "") for e in effects)
-    print(f"    provider effects: {seen or 'none'}")
+def _keep_running(api_url: str, token: str) -> None:
     print()
+    print("Everything keeps running; try it (Ctrl-C to stop):")
+    print(f"  TOKEN={token}")
+    print(f'  curl -s {api_url}/v1/orders -H "Authorization: Bearer $TOKEN"')
+    print(f'  curl -s {api_url}/v1/carts -H "Authorization: Bearer $TOKEN" \\')
+    print("       -H 'content-type: application/json' \\")
+    print("       -d '{\"lines\":[{\"sku\":\"MUG-01\",\"qty\":1}],\"shipping_address\":"
+          "{\"name\":\"Ada\",\"line1\":\"1 Main St\",\"city\":\"Berlin\","
+          "\"postal_code\":\"10115\",\"country\":\"DE\"}}'")  # fmt: skip
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)

@@ -240,3 +240,7 @@ SELECT o.id, o.state, o.total_cents, o.currency, o.created_at, o.updated_at
 -- order_owner_state --
 -- Whether the order is the caller's, and its state
 SELECT id, state FROM orders WHERE id = %(order_id)s AND user_id = %(user_id)s;
+
+-- order_states_of --
+-- The states of some orders
+SELECT id, state FROM orders WHERE id = ANY(%(ids)s::text[]);

@@ -50,17 +50,24 @@ def test_graph_draws_exactly_the_table(capsys: pytest.CaptureFixture[str]) -> No
     assert declared == {s.value for s in OrderState}
 
 
-def test_demo_prints_orders_and_their_states(db_url: str) -> None:
-    result = _run(["demo"], _env(DATABASE_URL=db_url))
-    assert result.returncode == 0, result.stderr
+def test_demo_runs_the_whole_saga_over_http(db_url: str) -> None:
+    """The README's main job, reduced to a handful of orders."""
+    result = _run(["demo", "--orders", "8"], _env(DATABASE_URL=db_url), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    states = re.findall(r"^order \w+: (\w+)$", out, re.MULTILINE)
-    assert states == ["confirmed", "cancelled", "cancelled", "confirmed", "returned"]
-    assert "out of stock: LAMP-01" in out
-    assert "compensating -> cancelled" in out
-    effects = re.findall(r"provider effects: (.*)$", out, re.MULTILINE)
-    assert effects[2] == "charge 5900, refund 5900"  # refund then release, never kept
-    assert effects[3].count("charge") == 1  # the timed-out charge was replayed, not repeated
+    final = dict(
+        (state, int(n))
+        for n, state in (
+            pair.split(" ")[::-1]
+            for pair in re.search(r"^orders by state: (.*)$", out, re.MULTILINE)[1].split(", ")  # type: ignore[index]
+        )
+    )
+    # 2 declined cards and 1 refused parcel cancel; 1 return; a timed-out charge confirms
+    assert final == {"confirmed": 4, "returned": 1, "cancelled": 3}
+    for view in ("order_states", "funnel", "compensations", "daily_sales"):
+        assert f"== {view} (" in out
+    assert "shipment_failed  ship_order" in out
+    assert "/docs" in out and "/metrics" in out
 
 
 def test_catalog_load_rejects_a_bad_file(db_url: str, tmp_path: Path) -> None:
