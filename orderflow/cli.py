@@ -225,6 +225,22 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_reports(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.reports import main_reports
+
+    return main_reports(args.orders)
+
+
+def cmd_bench_seed(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.reports import main_seed
+    from orderflow import migrate
+    from orderflow.db import resolve_url
+
+    url = resolve_url(settings)
+    migrate.upgrade(url)
+    return main_seed(url, args.orders)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orderflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="calls in flight per worker")
     p.add_argument("--pgbench-seconds", type=int, default=15)
     p.set_defaults(func=cmd_bench_saga)
+    p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
+    p.add_argument("--orders", type=int, default=1_000_000)
+    p.set_defaults(func=cmd_bench_reports)
+    p = bench_sub.add_parser("seed", help="load synthetic orders into the configured database")
+    p.add_argument("--orders", type=int, default=1_000_000)
+    p.set_defaults(func=cmd_bench_seed)
 
     p = sub.add_parser("demo", help="the whole saga on sample orders over HTTP, then the reports")
     p.add_argument("--orders", type=int, default=50)

@@ -257,6 +257,7 @@ outbox = Table(
     ),
     Index("ix_outbox_dead", "id", postgresql_where=text("status = 'dead'")),
     Index("ix_outbox_done_at", "done_at", postgresql_where=text("status = 'done'")),
+    Index("ix_outbox_open_step", "step", "status", postgresql_where=text("status <> 'done'")),
 )
 
 payments = Table(

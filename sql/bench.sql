@@ -44,3 +44,92 @@ SELECT EXTRACT(EPOCH FROM (claimed_at - created_at)) * 1000 AS ms
 -- bench_xact_commits --
 -- Transactions committed in this database so far (pg_stat_database)
 SELECT xact_commit AS n FROM pg_stat_database WHERE datname = current_database();
+
+-- bench_seed_orders --
+-- Synthetic orders n0..n1 spread over the last 90 days: 80% confirmed, 10% declined, 5% refused parcel, 3% returned, 2% in flight
+INSERT INTO orders (id, user_id, state, total_cents, currency, payment_method_id,
+                    shipping_address, email, idempotency_key, created_at, updated_at)
+SELECT 'S' || lpad(g::text, 25, '0'),
+       md5(g::text)::uuid,
+       CASE WHEN g %% 100 < 80 THEN 'confirmed'
+            WHEN g %% 100 < 95 THEN 'cancelled'
+            WHEN g %% 100 < 98 THEN 'returned'
+            WHEN g %% 100 = 98 THEN 'reserved'
+            ELSE 'shipped' END,
+       1000 + (g %% 50) * 100,
+       CASE WHEN g %% 7 = 0 THEN 'USD' ELSE 'EUR' END,
+       'pm_card_visa',
+       '{"name": "Seed", "line1": "1 Seed St", "city": "Paris", "postal_code": "75001", "country": "FR"}',
+       NULL,
+       'seed-' || g,
+       now() - make_interval(secs => ((g * 7919) %% 7776000)::double precision + 3600),
+       now() - make_interval(secs => ((g * 7919) %% 7776000)::double precision + 3000)
+  FROM generate_series(%(n0)s::bigint, %(n1)s::bigint) AS g;
+
+-- bench_seed_history --
+-- The history of the synthetic orders, each a real path of the machine
+INSERT INTO order_history (order_id, from_state, to_state, event, detail, at)
+SELECT o.id, p.from_state, p.to_state, p.event, p.detail,
+       o.created_at + make_interval(secs => p.n * 40)
+  FROM orders o
+  CROSS JOIN LATERAL (
+        SELECT * FROM (VALUES
+            (0, NULL, 'reserved', 'place', '{}'::jsonb, true),
+            (1, 'reserved', 'paid', 'payment_captured', '{"step": "charge_payment"}'::jsonb,
+                o.state IN ('confirmed', 'returned', 'shipped')
+                OR (o.state = 'cancelled' AND right(o.idempotency_key, 2)::int %% 100 >= 90)),
+            (2, 'paid', 'shipped', 'shipment_created', '{"step": "ship_order"}'::jsonb,
+                o.state IN ('confirmed', 'returned', 'shipped')),
+            (3, 'shipped', 'confirmed', 'confirmation_sent', '{"step": "send_confirmation"}'::jsonb,
+                o.state IN ('confirmed', 'returned')),
+            (4, 'confirmed', 'return_requested', 'return_requested', '{}'::jsonb, o.state = 'returned'),
+            (5, 'return_requested', 'awaiting_return', 'return_label_created', '{}'::jsonb, o.state = 'returned'),
+            (6, 'awaiting_return', 'returned', 'return_received', '{}'::jsonb, o.state = 'returned'),
+            (1, 'reserved', 'compensating', 'payment_failed', '{"step": "charge_payment"}'::jsonb,
+                o.state = 'cancelled' AND right(o.idempotency_key, 2)::int %% 100 < 90),
+            (2, 'paid', 'compensating', 'shipment_failed', '{"step": "ship_order"}'::jsonb,
+                o.state = 'cancelled' AND right(o.idempotency_key, 2)::int %% 100 >= 90),
+            (3, 'compensating', 'compensating', 'compensation_done', '{"step": "refund_payment"}'::jsonb,
+                o.state = 'cancelled' AND right(o.idempotency_key, 2)::int %% 100 >= 90),
+            (4, 'compensating', 'cancelled', 'compensation_done', '{"step": "release_inventory"}'::jsonb,
+                o.state = 'cancelled')
+        ) AS v(n, from_state, to_state, event, detail, keep)
+        WHERE keep) AS p
+ WHERE o.id LIKE 'S%%' AND o.id BETWEEN %(first_id)s AND %(last_id)s
+ ORDER BY o.id, p.n;
+
+-- bench_seed_payments --
+-- Charges for the synthetic orders that were paid, refunds for those given back
+INSERT INTO payments (order_id, kind, status, provider_ref, amount_cents, currency, idempotency_key)
+SELECT o.id, k.kind, 'succeeded', 'seed_' || k.kind, o.total_cents, o.currency, o.id || ':' || k.kind
+  FROM orders o
+  JOIN order_history h ON h.order_id = o.id AND h.event = 'payment_captured'
+  CROSS JOIN LATERAL (
+        SELECT 'charge' AS kind
+        UNION ALL
+        SELECT 'refund' WHERE o.state IN ('cancelled', 'returned')) AS k
+ WHERE o.id LIKE 'S%%' AND o.id BETWEEN %(first_id)s AND %(last_id)s;
+
+-- bench_seed_outbox --
+-- Finished outbox rows for the synthetic orders (three per order), as a running system keeps
+INSERT INTO outbox (order_id, step, idempotency_key, status, attempts, created_at, done_at, claimed_at)
+SELECT o.id, s.step, o.id || ':' || s.step, 'done', 1, o.created_at, o.created_at, o.created_at
+  FROM orders o
+  CROSS JOIN (VALUES ('charge_payment'), ('ship_order'), ('send_confirmation')) AS s(step)
+ WHERE o.id LIKE 'S%%' AND o.id BETWEEN %(first_id)s AND %(last_id)s;
+
+-- bench_count_orders --
+-- How many orders
+SELECT count(*) AS n FROM orders;
+
+-- bench_count_order_history --
+-- How many history rows
+SELECT count(*) AS n FROM order_history;
+
+-- bench_count_payments --
+-- How many payment rows
+SELECT count(*) AS n FROM payments;
+
+-- bench_count_outbox --
+-- How many outbox rows
+SELECT count(*) AS n FROM outbox;
