@@ -28,6 +28,7 @@ def seed(url: str, orders: int, start: int = 1) -> dict[str, int]:
                 conn.execute(QUERIES["bench_seed_history"], ids)
                 conn.execute(QUERIES["bench_seed_payments"], ids)
                 conn.execute(QUERIES["bench_seed_outbox"], ids)
+            conn.execute(QUERIES["bench_analyze"])  # keep plans right as the tables grow
             print(f"seeded orders {n0}..{n1} ({time.monotonic() - began:.0f} s)", flush=True)
         conn.execute(QUERIES["bench_analyze"])
         counts = {

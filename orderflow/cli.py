@@ -137,6 +137,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=args.concurrency,
         lease_s=args.lease,
         backoff_scale=float(os.environ.get("ORDERFLOW_BACKOFF_SCALE", "1")),
+        report_refresh_s=float(os.environ.get("ORDERFLOW_REPORT_REFRESH_S", "60")),
     )
     worker.install_signal_handlers()
     if args.metrics_port:
@@ -204,7 +205,7 @@ def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.reporting import VIEWS, fetch, render_csv, render_json, render_table
+    from orderflow.reporting import VIEWS, fetch, refresh, render_csv, render_json, render_table
 
     names = [args.name] if args.name else list(VIEWS)
     if args.name and args.name not in VIEWS:
@@ -215,6 +216,8 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         print("orderflow report: --format csv needs one report NAME", file=sys.stderr)
         return 2
     with _connect_migrated(settings) as conn:
+        if args.refresh:
+            refresh(conn)
         reports = {name: fetch(conn, name) for name in names}
     if args.format == "json":
         print(render_json(reports))
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print the reporting views")
     p.add_argument("name", nargs="?", help="one view (default: all)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--refresh", action="store_true", help="refresh the snapshots first")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks; the last line of output is JSON")

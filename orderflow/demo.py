@@ -26,7 +26,7 @@ from orderflow import PROJECT_ROOT
 from orderflow.catalog import load_catalog
 from orderflow.config import Settings
 from orderflow.db import connect
-from orderflow.reporting import VIEWS, fetch, render_table
+from orderflow.reporting import VIEWS, fetch, refresh, render_table
 from sql import QUERIES
 
 ADDRESS = {
@@ -133,6 +133,7 @@ def run_demo(
                 ),
             )  # fmt: skip
             with connect(url) as conn:
+                refresh(conn)  # the snapshots include every order just placed
                 print()
                 for view in VIEWS:
                     print(render_table(view, fetch(conn, view)))

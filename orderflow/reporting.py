@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -86,3 +87,33 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     text = str(plain(value))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+SNAPSHOTS: tuple[str, ...] = ("funnel", "state_durations", "compensations", "daily_sales")
+
+
+def refresh(conn: psycopg.Connection[Any], interval_s: float = 0.0) -> list[str]:
+    """Refresh the snapshots older than `interval_s` (all with 0); returns which.
+
+    One refresher at a time across workers (a session advisory lock; a second
+    caller returns at once); REFRESH ... CONCURRENTLY never blocks readers."""
+    locked = conn.execute(QUERIES["refresh_lock"]).fetchone()
+    if not locked or not locked["locked"]:
+        return []
+    try:
+        due = [
+            r["view"]
+            for r in conn.execute(
+                QUERIES["snapshots_due"], {"views": list(SNAPSHOTS), "interval_s": interval_s}
+            )
+        ]
+        for view in due:
+            started = time.perf_counter()
+            conn.execute(QUERIES[f"refresh_{view}"])
+            conn.execute(
+                QUERIES["record_refresh"],
+                {"view": view, "duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
+    finally:
+        conn.execute(QUERIES["refresh_unlock"])
+    return due

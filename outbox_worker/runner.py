@@ -23,6 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from orderflow.reporting import refresh
 from outbox_worker.core import ClaimedRow, ProviderCalls, WorkerConfig, claim, process
 from sql import QUERIES
 from statemachine.engine import advance
@@ -47,6 +48,7 @@ class Worker:
         backoff_scale: float = 1.0,
         housekeeping_s: float = 5.0,
         idempotency_retention_h: int = 72,
+        report_refresh_s: float = 60.0,
         outbox_retention_days: int = 7,
         owner: str | None = None,
     ) -> None:
@@ -57,6 +59,7 @@ class Worker:
         self.housekeeping_s = housekeeping_s
         self.idempotency_retention_h = idempotency_retention_h
         self.outbox_retention_days = outbox_retention_days
+        self.report_refresh_s = report_refresh_s
         self.config = WorkerConfig(
             owner=owner or default_owner(), lease_s=lease_s, backoff_scale=backoff_scale
         )
@@ -134,6 +137,8 @@ class Worker:
             conn.execute(
                 QUERIES["purge_done_outbox"], {"days": self.outbox_retention_days, "limit": 1000}
             )
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            refresh(cur.connection, self.report_refresh_s)
         self._last_housekeeping = time.monotonic()
 
     # ------------------------------------------------------------ the daemon

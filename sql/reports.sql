@@ -37,3 +37,40 @@ SELECT step, status, count(*) AS n,
   FROM outbox
  WHERE status IN ('pending', 'in_flight', 'dead')
  GROUP BY step, status;
+
+-- refresh_funnel --
+-- Refresh the funnel snapshot without blocking its readers
+REFRESH MATERIALIZED VIEW CONCURRENTLY reporting.funnel;
+
+-- refresh_state_durations --
+-- Refresh the state durations snapshot without blocking its readers
+REFRESH MATERIALIZED VIEW CONCURRENTLY reporting.state_durations;
+
+-- refresh_compensations --
+-- Refresh the compensations snapshot without blocking its readers
+REFRESH MATERIALIZED VIEW CONCURRENTLY reporting.compensations;
+
+-- refresh_daily_sales --
+-- Refresh the daily sales snapshot without blocking its readers
+REFRESH MATERIALIZED VIEW CONCURRENTLY reporting.daily_sales;
+
+-- record_refresh --
+-- Remember when a snapshot was refreshed
+INSERT INTO reporting.refreshes (view, refreshed_at, duration_ms)
+VALUES (%(view)s, now(), %(duration_ms)s)
+ON CONFLICT (view) DO UPDATE SET refreshed_at = excluded.refreshed_at, duration_ms = excluded.duration_ms;
+
+-- snapshots_due --
+-- Snapshots not refreshed within the interval
+SELECT s.view
+  FROM unnest(%(views)s::text[]) AS s(view)
+  LEFT JOIN reporting.refreshes r ON r.view = s.view
+ WHERE r.refreshed_at IS NULL OR r.refreshed_at < now() - make_interval(secs => %(interval_s)s);
+
+-- refresh_lock --
+-- One refresher at a time across workers (session advisory lock; false if taken)
+SELECT pg_try_advisory_lock(hashtext('orderflow.report_refresh')) AS locked;
+
+-- refresh_unlock --
+-- Release the refresher lock
+SELECT pg_advisory_unlock(hashtext('orderflow.report_refresh')) AS unlocked;

@@ -15,7 +15,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from orderflow import PROJECT_ROOT
-from orderflow.reporting import VIEWS, fetch
+from orderflow.reporting import SNAPSHOTS, VIEWS, fetch, refresh
 from statemachine.definition import STATE_TIMEOUT_MINUTES, OrderState
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -76,6 +76,12 @@ def _order(
 
 @pytest.fixture()
 def known(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    orders = _known_orders(conn)
+    assert set(refresh(conn)) == set(SNAPSHOTS)  # the snapshots see them
+    return orders
+
+
+def _known_orders(conn: psycopg.Connection[Any]) -> dict[str, str]:
     step = {"step": "charge_payment"}
     return {
         "A": _order(
@@ -207,8 +213,28 @@ def test_every_view_has_a_comment(conn: Any) -> None:
         " JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = 'reporting' AND c.relkind = 'v'"
     ).fetchall()
-    assert {r["relname"] for r in rows} == set(VIEWS)
-    assert all(r["comment"] for r in rows)
+    assert {r["relname"] for r in rows} == set(VIEWS) - set(SNAPSHOTS)
+    snapshots = conn.execute(
+        "SELECT matviewname, obj_description(format('reporting.%I', matviewname)::regclass)"
+        " AS comment FROM pg_matviews WHERE schemaname = 'reporting'"
+    ).fetchall()
+    assert {r["matviewname"] for r in snapshots} == set(SNAPSHOTS)
+    assert all(r["comment"] for r in [*rows, *snapshots])
+
+
+def test_snapshots_are_refreshed_by_the_worker_housekeeping(
+    conn: Any, known: dict[str, str], worker: Any
+) -> None:
+    before = {r["day"]: r["placed"] for r in fetch(conn, "funnel")}
+    _order(conn, D1 + 300 * M, [])
+    assert {r["day"]: r["placed"] for r in fetch(conn, "funnel")} == before  # a snapshot
+    assert refresh(conn, interval_s=3600) == []  # fresh enough: nothing to do
+    worker.report_refresh_s = 0
+    worker.housekeeping()
+    after = {r["day"]: r["placed"] for r in fetch(conn, "funnel")}
+    assert after[D1.date()] == before[D1.date()] + 1
+    as_of = conn.execute("SELECT max(as_of) AS t FROM reporting.funnel").fetchone()["t"]
+    assert as_of > NOW - timedelta(minutes=1)
 
 
 def test_state_timeouts_match_the_machine(conn: Any) -> None:
