@@ -74,3 +74,7 @@ SELECT pg_try_advisory_lock(hashtext('orderflow.report_refresh')) AS locked;
 -- refresh_unlock --
 -- Release the refresher lock
 SELECT pg_advisory_unlock(hashtext('orderflow.report_refresh')) AS unlocked;
+
+-- refresh_durations --
+-- How long each snapshot's last refresh took
+SELECT view, duration_ms, refreshed_at FROM reporting.refreshes ORDER BY view;
