@@ -1,11 +1,14 @@
 CREATE OR REPLACE VIEW reporting.order_states AS
 SELECT t.state,
-       count(o.id) AS orders,
-       min(o.updated_at) AS oldest_updated_at,
-       now() - min(o.updated_at) AS oldest_age
+       s.orders,
+       s.oldest_updated_at,
+       now() - s.oldest_updated_at AS oldest_age
   FROM reporting.state_timeouts t
-  LEFT JOIN public.orders o ON o.state = t.state
- GROUP BY t.state, t.position
+ CROSS JOIN LATERAL (
+        -- one index-only range scan of ix_orders_state_updated_at per state
+        SELECT count(*) AS orders, min(o.updated_at) AS oldest_updated_at
+          FROM public.orders o
+         WHERE o.state = t.state) AS s
  ORDER BY t.position;
 
 COMMENT ON VIEW reporting.order_states IS

@@ -8,16 +8,20 @@ SELECT o.id AS order_id,
        ob.status AS step_status,
        ob.attempts,
        ob.last_error
-  FROM public.orders o
-  JOIN reporting.state_timeouts t ON t.state = o.state
+  FROM reporting.state_timeouts t
+ CROSS JOIN LATERAL (
+        -- a range scan of ix_orders_state_updated_at per working state
+        SELECT o.id, o.state, o.updated_at
+          FROM public.orders o
+         WHERE o.state = t.state
+           AND o.updated_at < now() - make_interval(mins => t.timeout_minutes)) AS o
   LEFT JOIN LATERAL (
         SELECT step, status, attempts, last_error
           FROM public.outbox
-         WHERE order_id = o.id AND status IN ('pending', 'in_flight', 'dead')
+         WHERE order_id = o.id AND status <> 'done'
          ORDER BY id DESC
          LIMIT 1) ob ON true
  WHERE t.timeout_minutes IS NOT NULL
-   AND o.updated_at < now() - make_interval(mins => t.timeout_minutes)
  ORDER BY o.updated_at;
 
 COMMENT ON VIEW reporting.stuck_orders IS
