@@ -30,7 +30,7 @@ def seed(url: str, orders: int, start: int = 1) -> dict[str, int]:
                 conn.execute(QUERIES["bench_seed_outbox"], ids)
             conn.execute(QUERIES["bench_analyze"])  # keep plans right as the tables grow
             print(f"seeded orders {n0}..{n1} ({time.monotonic() - began:.0f} s)", flush=True)
-        conn.execute(QUERIES["bench_analyze"])
+        conn.execute(QUERIES["bench_vacuum"])
         counts = {
             name: int(str(conn.execute(QUERIES[f"bench_count_{name}"]).fetchone()["n"]))  # type: ignore[index]
             for name in ("orders", "order_history", "payments", "outbox")

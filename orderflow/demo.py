@@ -40,7 +40,7 @@ SETTLED = ("confirmed", "returned", "cancelled", "needs_attention")
 SKUS = ["MUG-01", "TEE-M", "TEE-L", "CAP-01", "BAG-01", "NOTE-A5"]  # the well-stocked ones
 
 
-def _free_port(preferred: int = 0) -> int:
+def free_port(preferred: int = 0) -> int:
     for port in (preferred, 0):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -116,8 +116,8 @@ def run_demo(
         jwt_audience=settings.jwt_audience,
     )
     with (
-        serve(create_sandbox_app(), _free_port()) as sandbox_url,
-        serve(create_app(api_settings, database_url=url), _free_port(8000)) as api_url,
+        serve(create_sandbox_app(), free_port()) as sandbox_url,
+        serve(create_app(api_settings, database_url=url), free_port(8000)) as api_url,
     ):
         providers = Providers(
             ProviderConfig("sk_test_demo", sandbox_url, sandbox_url, sandbox_url, timeout_s=2.0)

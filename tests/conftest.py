@@ -142,73 +142,23 @@ def client(db_url: str, api_settings: Any) -> Iterator[Any]:
 @pytest.fixture()
 def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
     """A real uvicorn server on a free port, in a thread of this process."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from app.main import create_app
+    from orderflow.demo import free_port, serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(api_settings, database_url=db_url),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve(create_app(api_settings, database_url=db_url), free_port()) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- worker and sandbox
 
 
-def _serve_in_thread(app: Any) -> tuple[str, Any, Any]:
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[str]:
+    from orderflow.demo import free_port, serve
     from sandbox.app import create_sandbox_app
 
-    url, server, thread = _serve_in_thread(create_sandbox_app())
-    try:
+    with serve(create_sandbox_app(), free_port()) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture()

@@ -48,7 +48,9 @@ def test_every_statement_prepares_on_the_schema(conn: psycopg.Connection[Any], n
     statement = statement.replace("%%", "%")  # psycopg's escape for a literal %
     if name.startswith("bench_"):  # the bench's own table is not part of the schema
         conn.execute(QUERIES["bench_create_table"])
-    if statement.lstrip().upper().startswith(("CREATE", "ANALYZE", "LISTEN", "REFRESH")):  # utility
+    if (
+        statement.lstrip().upper().startswith(("CREATE", "ANALYZE", "LISTEN", "REFRESH", "VACUUM"))
+    ):  # utility
         with pytest.raises(_Undo), conn.transaction():
             conn.execute(statement)  # type: ignore[call-overload]
             raise _Undo
