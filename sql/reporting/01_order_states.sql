@@ -8,7 +8,8 @@ SELECT t.state,
         -- one index-only range scan of ix_orders_state_updated_at per state
         SELECT count(*) AS orders, min(o.updated_at) AS oldest_updated_at
           FROM public.orders o
-         WHERE o.state = t.state) AS s
+         WHERE o.state = t.state
+        OFFSET 0) AS s
  ORDER BY t.position;
 
 COMMENT ON VIEW reporting.order_states IS

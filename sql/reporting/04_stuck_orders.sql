@@ -10,11 +10,13 @@ SELECT o.id AS order_id,
        ob.last_error
   FROM reporting.state_timeouts t
  CROSS JOIN LATERAL (
-        -- a range scan of ix_orders_state_updated_at per working state
+        -- a range scan of ix_orders_state_updated_at per working state (OFFSET 0 keeps
+        -- the planner from flattening this into a scan of every order)
         SELECT o.id, o.state, o.updated_at
           FROM public.orders o
          WHERE o.state = t.state
-           AND o.updated_at < now() - make_interval(mins => t.timeout_minutes)) AS o
+           AND o.updated_at < now() - make_interval(mins => t.timeout_minutes)
+        OFFSET 0) AS o
   LEFT JOIN LATERAL (
         SELECT step, status, attempts, last_error
           FROM public.outbox

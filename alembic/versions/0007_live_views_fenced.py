@@ -1,0 +1,27 @@
+"""reporting: keep the per-state scans of order_states and stuck_orders from being flattened
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-22
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+VIEWS_DIR = Path(__file__).resolve().parents[2] / "sql" / "reporting"
+
+
+def upgrade() -> None:
+    for name in ("01_order_states.sql", "04_stuck_orders.sql"):
+        op.execute((VIEWS_DIR / name).read_text(encoding="utf-8"))
+
+
+def downgrade() -> None:
+    pass  # the same columns; 0003's downgrade drops the schema
