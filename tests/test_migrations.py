@@ -31,6 +31,8 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert _tables(empty_db_url) == set()
     migrate.upgrade(empty_db_url)
     assert _tables(empty_db_url) == set(metadata.tables)
+    with connect(empty_db_url) as conn:  # a new session picks up the database's settings
+        assert conn.execute("SHOW jit").fetchone()["jit"] == "off"  # type: ignore[index]
 
 
 def test_single_head() -> None:
