@@ -244,6 +244,20 @@ def cmd_bench_seed(args: argparse.Namespace, settings: Settings) -> int:
     return main_seed(url, args.orders)
 
 
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from orderflow.doctor import report, run_checks
+
+    effects = None
+    if args.sandbox:
+        import httpx
+
+        effects = httpx.get(f"{args.sandbox}/_sandbox/effects", timeout=10).json()["effects"]
+    with _connect_migrated(settings) as conn:
+        checks = run_checks(conn, effects)
+    print(report(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orderflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--refresh", action="store_true", help="refresh the snapshots first")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("doctor", help="check the invariants on the live database")
+    p.add_argument("--sandbox", help="also check the provider sandbox's effects at this URL")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="benchmarks; the last line of output is JSON")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)

@@ -72,32 +72,8 @@ def states(conn: psycopg.Connection[Any]) -> dict[str, str]:
 
 
 def check_invariants(conn: psycopg.Connection[Any], effects: list[dict[str, Any]]) -> None:
-    """SPEC.md's invariants that a test can see (the doctor will own these)."""
-    keys = [e["idempotency_key"] for e in effects]
-    assert len(keys) == len(set(keys)), "a provider saw an effect twice for one key"
-    charges: dict[str, int] = {}
-    refunds: dict[str, int] = {}
-    for e in effects:
-        if e["kind"] == "charge":
-            charges[e["order_id"]] = charges.get(e["order_id"], 0) + 1
-        if e["kind"] == "refund":
-            refunds[e["order_id"]] = refunds.get(e["order_id"], 0) + 1
-    assert all(n == 1 for n in charges.values()), charges
-    order_states = states(conn)
-    for order_id in charges:
-        state = order_states[order_id]
-        kept = state in ("shipped", "confirmed", "return_requested", "awaiting_return")
-        assert kept or refunds.get(order_id) == 1 or state == "needs_attention", (
-            order_id,
-            state,
-        )
-    bad = conn.execute(
-        "SELECT p.sku FROM products p WHERE p.available <>"
-        " (SELECT COALESCE(sum(delta), 0) FROM stock_ledger l WHERE l.sku = p.sku)"
-    ).fetchall()
-    assert bad == [], bad
-    live_or_sold = conn.execute(
-        "SELECT o.id, o.state FROM orders o JOIN reservations r ON r.order_id = o.id"
-        " WHERE r.released_at IS NULL AND o.state IN ('cancelled')"
-    ).fetchall()
-    assert live_or_sold == [], live_or_sold
+    """SPEC.md's invariants, as `orderflow doctor` checks them, plus the sandbox's effects."""
+    from orderflow.doctor import report, run_checks
+
+    checks = run_checks(conn, effects)
+    assert all(c.ok for c in checks), report(checks)

@@ -1,0 +1,75 @@
+-- doctor_double_charges --
+-- Orders with more than one captured payment
+SELECT order_id FROM payments
+ WHERE kind = 'charge' AND status = 'succeeded'
+ GROUP BY order_id HAVING count(*) > 1;
+
+-- doctor_kept_money --
+-- Settled orders whose captured payment was neither shipped nor refunded
+SELECT o.id AS order_id
+  FROM orders o
+  JOIN payments c ON c.order_id = o.id AND c.kind = 'charge' AND c.status = 'succeeded'
+ WHERE o.state IN ('cancelled', 'returned')
+   AND NOT EXISTS (SELECT 1 FROM payments r
+                    WHERE r.order_id = o.id AND r.kind = 'refund' AND r.status = 'succeeded');
+
+-- doctor_stock --
+-- SKUs where stock is not conserved: initial = available + live reservations + sold - restocked, and available = the ledger's sum
+WITH lines AS (
+    SELECT l.sku,
+           sum(l.qty) FILTER (WHERE r.consumed_at IS NULL AND r.released_at IS NULL) AS live,
+           sum(l.qty) FILTER (WHERE r.consumed_at IS NOT NULL AND r.released_at IS NULL) AS sold
+      FROM order_lines l JOIN reservations r USING (order_id)
+     GROUP BY l.sku
+), ledger AS (
+    SELECT sku,
+           sum(delta) AS balance,
+           sum(delta) FILTER (WHERE kind IN ('load', 'adjust')) AS initial,
+           sum(delta) FILTER (WHERE kind = 'restock') AS restocked
+      FROM stock_ledger GROUP BY sku
+)
+SELECT p.sku, p.available, COALESCE(g.balance, 0) AS ledger_balance,
+       COALESCE(g.initial, 0) AS initial, COALESCE(l.live, 0) AS live,
+       COALESCE(l.sold, 0) AS sold, COALESCE(g.restocked, 0) AS restocked
+  FROM products p
+  LEFT JOIN lines l USING (sku)
+  LEFT JOIN ledger g USING (sku)
+ WHERE p.available <> COALESCE(g.balance, 0)
+    OR COALESCE(g.initial, 0)
+       <> p.available + COALESCE(l.live, 0) + COALESCE(l.sold, 0) - COALESCE(g.restocked, 0);
+
+-- doctor_duplicate_keys --
+-- More than one order for one (user, idempotency key)
+SELECT user_id, idempotency_key FROM orders
+ GROUP BY user_id, idempotency_key HAVING count(*) > 1;
+
+-- doctor_bad_edges --
+-- History rows that are not an edge of the machine, or do not continue from the previous row
+SELECT order_id, id, from_state, event, to_state
+  FROM (SELECT h.*, lag(h.to_state) OVER (PARTITION BY h.order_id ORDER BY h.id) AS previous
+          FROM order_history h) h
+ WHERE (h.from_state IS DISTINCT FROM h.previous)
+    OR NOT EXISTS (
+        SELECT 1 FROM unnest(%(sources)s::text[], %(events)s::text[], %(dests)s::text[])
+                        AS e(source, event, dest)
+         WHERE e.source IS NOT DISTINCT FROM h.from_state
+           AND e.event = h.event AND e.dest = h.to_state);
+
+-- doctor_compensation_sequences --
+-- Orders that ran more than one compensation: their history events in order
+SELECT order_id, array_agg(event ORDER BY id) AS events,
+       array_agg(COALESCE(detail ->> 'step', '') ORDER BY id) AS steps
+  FROM order_history
+ WHERE order_id IN (SELECT order_id FROM order_history WHERE event = 'compensation_done'
+                     GROUP BY order_id HAVING count(*) > 1)
+ GROUP BY order_id;
+
+-- doctor_stuck --
+-- Working orders past their state's timeout
+SELECT order_id, state, in_state_for FROM reporting.stuck_orders;
+
+-- doctor_payment_charges --
+-- Captured charges recorded per order, to compare with the provider's effects
+SELECT order_id, count(*) AS n FROM payments
+ WHERE kind = 'charge' AND status = 'succeeded'
+ GROUP BY order_id;
