@@ -1,0 +1,104 @@
+"""Crash-point sweep: a worker process dies (os._exit) at each failpoint of each step;
+another finishes the work; the doctor is clean and each provider saw each effect once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from orderflow import PROJECT_ROOT
+from outbox_worker.runner import Worker
+from statemachine.engine import advance
+from tests.helpers import place
+from tests.sandbox_client import check_invariants, drain, states
+
+EXTERNAL = {
+    # step: (path that reaches it, final state)
+    "charge_payment": ("happy", "confirmed"),
+    "ship_order": ("happy", "confirmed"),
+    "send_confirmation": ("happy", "confirmed"),
+    "refund_payment": ("refused", "cancelled"),
+    "create_return_label": ("return", "returned"),
+    "refund_return": ("return", "returned"),
+}
+LOCAL = {
+    "release_inventory": ("refused", "cancelled"),
+    "restock_inventory": ("return", "returned"),
+}
+CASES = [
+    (step, point, *how)
+    for step, how in EXTERNAL.items()
+    for point in ("before_call", "after_call", "before_commit", "after_commit")
+] + [
+    (step, point, *how)
+    for step, how in LOCAL.items()
+    for point in ("before_commit", "after_commit")
+]
+
+
+def _wait_state(conn: Any, order_id: str, wanted: str, proc: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if states(conn)[order_id] == wanted:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    raise AssertionError(f"order never reached {wanted}")
+
+
+@pytest.mark.parametrize(("step", "point", "path", "final"), CASES)
+def test_worker_dies_at_failpoint(
+    db_url: str,
+    conn: Any,
+    worker: Worker,
+    sandbox: Any,
+    step: str,
+    point: str,
+    path: str,
+    final: str,
+) -> None:
+    if path == "refused":
+        sandbox.faults({"endpoint": "shipment", "mode": "error", "status": 422})
+    order = place(conn, [("MUG-01", 1)])
+    env = {
+        **os.environ,
+        **sandbox.env(),
+        "DATABASE_URL": db_url,
+        "ORDERFLOW_FAILPOINTS": f"{step}.{point}=exit",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orderflow.cli", "worker", "--lease", "1", "--log-level", "WARNING"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if path == "return":
+            if _wait_state(conn, order.id, "confirmed", proc):
+                advance(conn, order.id, "return_requested", {"reason": "sweep"})
+            if _wait_state(conn, order.id, "awaiting_return", proc):
+                advance(conn, order.id, "return_received", {})
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 77, "the worker did not die at the failpoint"
+    time.sleep(1.1)  # the dead worker's lease runs out
+    sandbox.faults()
+    drain(worker, conn, timeout_s=60)
+    if path == "return":  # the person's steps the crash kept from happening
+        if states(conn)[order.id] == "confirmed":
+            advance(conn, order.id, "return_requested", {"reason": "sweep"})
+            drain(worker, conn, timeout_s=60)
+        if states(conn)[order.id] == "awaiting_return":
+            advance(conn, order.id, "return_received", {})
+            drain(worker, conn, timeout_s=60)
+    assert states(conn)[order.id] == final
+    check_invariants(conn, sandbox.effects())
