@@ -11,20 +11,18 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from typing import Any
 
-import httpx
 from ulid import ULID
 
 from app.auth import mint_token
 from bench.common import emit, pct_ms, scratch_database
 from bench.loadgen import Phase, drive
 from orderflow.db import connect
+from orderflow.serving import free_port, wait_until_up
 from sql import QUERIES
 
 SECRET = "bench-secret-bench-secret-bench-secret!"
@@ -35,12 +33,6 @@ ADDRESS = {
     "postal_code": "75001",
     "country": "FR",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 BENCH_SKUS = 1000  # spread the load: one hot SKU would measure its row lock, not the API
@@ -80,7 +72,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         users = [uuid.uuid4() for _ in range(concurrency)]
         carts = _make_carts(url, users, per_user=int(seconds * 400) + 200)
         tokens = [mint_token(u, secret=SECRET, audience="orderflow", ttl_s=3600) for u in users]
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "JWT_SECRET": SECRET, "JWT_AUDIENCE": "orderflow"}
         server = subprocess.Popen(
             [sys.executable, "-m", "bench.http_server", "--db-url", url, "--port", str(port)],
@@ -88,7 +80,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(base)
+            wait_until_up(f"{base}/healthz")
             bare = Phase("bare INSERT")
 
             def insert(n: int, i: int) -> tuple[str, str, dict[str, str], Any]:
@@ -128,18 +120,6 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         "seconds": seconds,
         "errors": sum(orders.errors.values()) + sum(bare.errors.values()),
     }
-
-
-def _wait_healthy(base: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the bench server did not become healthy")
 
 
 def main(seconds: float, concurrency: int) -> int:

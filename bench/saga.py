@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,32 +20,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.common import emit, pct_ms, scratch_database
 from bench.http import _make_carts
 from orderflow import PROJECT_ROOT
 from orderflow.db import connect
 from orderflow.idempotency import Answer, request_fingerprint, run_idempotent
 from orderflow.service import OrderLimits, place_order
+from orderflow.serving import free_port, wait_until_up
 from sql import QUERIES
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def _place(conn: Any, user: uuid.UUID, cart_id: str, key: str) -> None:
@@ -148,7 +129,7 @@ def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str
         later_carts = {u: ids[per_user:] for u, ids in carts.items()}
         total = per_user * len(users)
 
-        port = _free_port()
+        port = free_port()
         sandbox_url = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,
@@ -165,7 +146,7 @@ def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str
         )
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            _wait(f"{sandbox_url}/_sandbox/health")
+            wait_until_up(f"{sandbox_url}/_sandbox/health")
             procs = [
                 subprocess.Popen(
                     [

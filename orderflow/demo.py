@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from orderflow.catalog import load_catalog
 from orderflow.config import Settings
 from orderflow.db import connect
 from orderflow.reporting import VIEWS, fetch, refresh, render_table
+from orderflow.serving import free_port, serve
 from sql import QUERIES
 
 ADDRESS = {
@@ -38,37 +38,6 @@ ADDRESS = {
 }
 SETTLED = ("confirmed", "returned", "cancelled", "needs_attention")
 SKUS = ["MUG-01", "TEE-M", "TEE-L", "CAP-01", "BAG-01", "NOTE-A5"]  # the well-stocked ones
-
-
-def free_port(preferred: int = 0) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    raise RuntimeError("no free port")
-
-
-@contextlib.contextmanager
-def serve(app: Any, port: int) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a background thread."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @dataclass

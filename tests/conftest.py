@@ -143,7 +143,7 @@ def client(db_url: str, api_settings: Any) -> Iterator[Any]:
 def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
     """A real uvicorn server on a free port, in a thread of this process."""
     from app.main import create_app
-    from orderflow.demo import free_port, serve
+    from orderflow.serving import free_port, serve
 
     with serve(create_app(api_settings, database_url=db_url), free_port()) as url:
         yield url
@@ -154,7 +154,7 @@ def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[str]:
-    from orderflow.demo import free_port, serve
+    from orderflow.serving import free_port, serve
     from sandbox.app import create_sandbox_app
 
     with serve(create_sandbox_app(), free_port()) as url:
