@@ -9,12 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg
-from psycopg import sql
-
 from orderflow import PROJECT_ROOT, migrate
 from orderflow.catalog import load_catalog
-from orderflow.db import connect, resolve_url, with_database
+from orderflow.db import connect, create_database, drop_database, resolve_url
 
 
 @contextmanager
@@ -22,19 +19,14 @@ def scratch_database(prefix: str) -> Iterator[str]:
     """A fresh, migrated database with the sample catalog; dropped afterwards."""
     server = resolve_url()
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(server, name)
+    url = create_database(server, name)
     try:
         migrate.upgrade(url)
         with connect(url) as conn:
             load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
         yield url
     finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        drop_database(server, name)
 
 
 def percentile(values: list[float], pct: float) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from orderflow.config import Settings
@@ -46,3 +47,25 @@ def with_database(url: str, dbname: str) -> str:
     from sqlalchemy.engine import make_url
 
     return libpq_url(make_url(url).set(database=dbname).render_as_string(hide_password=False))
+
+
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    """CREATE DATABASE (optionally from a template) on the server; return its URL."""
+    statement = (
+        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)
+        )
+        if template
+        else sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    )
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(statement)
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """DROP DATABASE ... WITH (FORCE): its sessions are ended first."""
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

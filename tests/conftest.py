@@ -15,11 +15,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from orderflow import PROJECT_ROOT, migrate
+from orderflow import PROJECT_ROOT, db, migrate
 from orderflow.catalog import load_catalog
-from orderflow.db import connect, libpq_url, with_database
+from orderflow.db import connect, libpq_url
 from orderflow.embedded import embedded_url
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -33,30 +32,14 @@ def server_url() -> str:
     return embedded_url(PROJECT_ROOT / ".orderflow" / "test")
 
 
-def _admin(server_url: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(server_url, autocommit=True)
-
-
 def create_database(server_url: str, template: str | None = None) -> tuple[str, str]:
     name = f"of_test_{uuid.uuid4().hex[:12]}"
-    with _admin(server_url) as admin:
-        if template:
-            admin.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(template)
-                )
-            )
-        else:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return name, with_database(server_url, name)
+    return name, db.create_database(server_url, name, template)
 
 
 def drop_database(server_url: str, name: str) -> None:
     assert name.startswith("of_test_"), name  # never drop anything we did not create
-    with _admin(server_url) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    db.drop_database(server_url, name)
 
 
 @pytest.fixture(scope="session")
