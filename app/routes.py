@@ -8,7 +8,6 @@ not exist or miss one that does.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import schemas
-from app.auth import Principal, Unauthorized, authenticate
+from app.auth import Principal, authenticate
 from app.context import AppContext
 from app.errors import ApiError, dumps, to_api_error
 from app.http import Handler, idempotency_key, json_endpoint, json_response, read_json, render
@@ -80,12 +79,12 @@ def _success(status: int, result: dict[str, Any]) -> Answer:
 async def _idempotent(
     request: Request,
     principal: Principal,
+    key: str,
     payload: Any,
     status: int,
     produce: Callable[[Any], dict[str, Any]],
 ) -> Response:
     ctx = _ctx(request)
-    key = idempotency_key(request)
     path = request.url.path
 
     def call() -> IdempotentResult:
@@ -135,10 +134,9 @@ async def get_cart(request: Request) -> Response:
 
 async def create_order(request: Request) -> Response:
     principal = _principal(request)
-    idempotency_key(request)  # 400 before reading the body
+    key = idempotency_key(request)  # 400 before reading the body
     payload = await read_json(request)
     ctx = _ctx(request)
-    key = request.headers["idempotency-key"]
 
     def produce(conn: Any) -> dict[str, Any]:
         order = schemas.OrderIn.model_validate(payload)
@@ -152,7 +150,7 @@ async def create_order(request: Request) -> Response:
             ttl_seconds=ctx.settings.reservation_ttl_seconds,
         )
 
-    return await _idempotent(request, principal, payload, 201, produce)
+    return await _idempotent(request, principal, key, payload, 201, produce)
 
 
 async def get_order(request: Request) -> Response:
@@ -188,7 +186,7 @@ async def list_orders(request: Request) -> Response:
 async def request_return(request: Request) -> Response:
     principal = _principal(request)
     order_id = _path_id(request, "order_id")
-    idempotency_key(request)
+    key = idempotency_key(request)
     payload = await read_json(request)
 
     def produce(conn: Any) -> dict[str, Any]:
@@ -197,7 +195,7 @@ async def request_return(request: Request) -> Response:
             conn, user_id=principal.user_id, order_id=order_id, reason=body.reason
         )
 
-    return await _idempotent(request, principal, payload, 202, produce)
+    return await _idempotent(request, principal, key, payload, 202, produce)
 
 
 async def receive_return(request: Request) -> Response:
@@ -400,6 +398,3 @@ OPERATIONS: tuple[Operation, ...] = (
 
 def route_handlers() -> list[tuple[str, str, Handler]]:
     return [(op.path, op.method, json_endpoint(op.handler, op.path)) for op in OPERATIONS]
-
-
-__all__ = ["OPERATIONS", "Operation", "Unauthorized", "route_handlers", "uuid"]

@@ -135,14 +135,7 @@ class HistoryEntry(BaseModel):
     at: str | None
 
 
-class Order(BaseModel):
-    id: str
-    state: OrderState
-    lines: list[OrderLine]
-    total_cents: int
-    currency: str
-    reservation_expires_at: str | None
-    created_at: str
+class Order(PlacedOrder):
     updated_at: str
     payment: PaymentRef | None
     refund: RefundRef | None

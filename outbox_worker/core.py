@@ -49,8 +49,6 @@ class ClaimedRow:
     fence: int
     attempts: int
     payload: dict[str, Any]
-    created_at: Any
-    claimed_at: Any
 
 
 # Which provider call runs each external step (local steps have none).
@@ -94,8 +92,6 @@ def claim(conn: psycopg.Connection[Any], config: WorkerConfig, limit: int) -> li
             fence=r["fence"],
             attempts=r["attempts"],
             payload=r["payload"] or {},
-            created_at=r["available_at"],
-            claimed_at=r["claimed_at"],
         )
         for r in rows
     ]

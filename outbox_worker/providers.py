@@ -132,11 +132,7 @@ class Providers:
             f"{self.config.shipping_api_base}/v1/shipments",
             body,
             key,
-            lambda r: StepOutcome.success(
-                shipment_id=r["id"],
-                tracking_number=r.get("tracking_number"),
-                label_url=r.get("label_url"),
-            ),
+            _label_facts,
         )
 
     def cancel_shipment(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
@@ -155,11 +151,7 @@ class Providers:
             f"{self.config.shipping_api_base}/v1/returns",
             body,
             key,
-            lambda r: StepOutcome.success(
-                shipment_id=r["id"],
-                tracking_number=r.get("tracking_number"),
-                label_url=r.get("label_url"),
-            ),
+            _label_facts,
         )
 
     def send_confirmation(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
@@ -203,6 +195,15 @@ class Providers:
         if status >= 500 or status == 408:
             return StepOutcome.transient(f"HTTP {status}")
         return StepOutcome.permanent(f"HTTP {status}: {_error_code(response)}")
+
+
+def _label_facts(answer: dict[str, Any]) -> StepOutcome:
+    """A shipment or a return label: the carrier answers both the same way."""
+    return StepOutcome.success(
+        shipment_id=answer["id"],
+        tracking_number=answer.get("tracking_number"),
+        label_url=answer.get("label_url"),
+    )
 
 
 def _error_code(response: httpx.Response) -> str:

@@ -18,8 +18,7 @@ UPDATE outbox o
        claimed_at = COALESCE(o.claimed_at, clock_timestamp())
   FROM ready
  WHERE o.id = ready.id
-RETURNING o.id, o.order_id, o.step, o.idempotency_key, o.fence, o.attempts, o.payload,
-          o.created_at, o.available_at, now() AS claimed_at;
+RETURNING o.id, o.order_id, o.step, o.idempotency_key, o.fence, o.attempts, o.payload;
 
 -- step_context --
 -- What a step needs to know about its order: state, money, address, lines, payment and shipment references
