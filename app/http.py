@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -107,14 +108,17 @@ async def read_json(request: Request) -> Any:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from exc
 
 
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")  # no spaces, controls or bytes past ASCII
+
+
 def idempotency_key(request: Request) -> str:
     key = request.headers.get("idempotency-key")
     if key is None:
         raise ApiError(400, "idempotency_key_required", "send an Idempotency-Key header")
-    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not _PRINTABLE_ASCII.fullmatch(key):
         raise ApiError(
             400,
             "invalid_idempotency_key",
-            f"the Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters",
+            f"the Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
         )
     return key

@@ -39,6 +39,7 @@ def _operation(op: Operation) -> dict[str, Any]:
                 {
                     "description": text,
                     "content": {"application/json": {"schema": _ref(model)}},
+                    **({"links": op.links[status]} if status in op.links else {}),
                     **(
                         {
                             "headers": {
@@ -77,8 +78,13 @@ def _operation(op: Operation) -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": True,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                "description": "Unique per request you mean once; scoped to the caller",
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": "^[!-~]+$",
+                },
+                "description": "Unique per request meant once; printable ASCII; per caller",
             }
         )
     parameters += [

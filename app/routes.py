@@ -60,7 +60,7 @@ async def _db(request: Request, fn: Callable[..., Any], **kwargs: Any) -> Any:
     ctx = _ctx(request)
 
     def call() -> Any:
-        with ctx.pool.connection() as conn:
+        with ctx.connection() as conn:
             return fn(conn, **kwargs)
 
     return await run_in_threadpool(call)
@@ -88,7 +88,7 @@ async def _idempotent(
     path = request.url.path
 
     def call() -> IdempotentResult:
-        with ctx.pool.connection() as conn:
+        with ctx.connection() as conn:
             return run_idempotent(
                 conn,
                 user_id=principal.user_id,
@@ -136,10 +136,12 @@ async def create_order(request: Request) -> Response:
     principal = _principal(request)
     key = idempotency_key(request)  # 400 before reading the body
     payload = await read_json(request)
+    # A body that fails validation is answered before the key is recorded: as
+    # with Stripe, only a request that started executing has a stored answer.
+    order = schemas.OrderIn.model_validate(payload)
     ctx = _ctx(request)
 
     def produce(conn: Any) -> dict[str, Any]:
-        order = schemas.OrderIn.model_validate(payload)
         return service.place_order(
             conn,
             user_id=principal.user_id,
@@ -188,9 +190,9 @@ async def request_return(request: Request) -> Response:
     order_id = _path_id(request, "order_id")
     key = idempotency_key(request)
     payload = await read_json(request)
+    body = schemas.ReturnIn.model_validate(payload)  # before the key is recorded
 
     def produce(conn: Any) -> dict[str, Any]:
-        body = schemas.ReturnIn.model_validate(payload)
         return service.request_return(
             conn, user_id=principal.user_id, order_id=order_id, reason=body.reason
         )
@@ -250,6 +252,9 @@ class Operation:
     query: tuple[QueryParam, ...] = ()
     tags: tuple[str, ...] = field(default=("orders",))
     media_type: str = "application/json"
+    # OpenAPI links per status: how a client (or schemathesis' stateful phase)
+    # feeds this answer into the next call.
+    links: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 E = schemas.ErrorBody
@@ -278,6 +283,21 @@ OPERATIONS: tuple[Operation, ...] = (
         {201: (schemas.Cart, "The cart"), **AUTH_ERRORS, **BODY_ERRORS},
         body=schemas.CartIn,
         tags=("carts",),
+        links={
+            201: {
+                "GetCart": {
+                    "operationId": "getCart",
+                    "parameters": {"cart_id": "$response.body#/id"},
+                },
+                "PlaceOrder": {
+                    "operationId": "createOrder",
+                    "requestBody": {
+                        "cart_id": "$response.body#/id",
+                        "payment_method_id": "pm_card_visa",
+                    },
+                },
+            }
+        },
     ),
     Operation(
         "GET",
@@ -303,6 +323,18 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         body=schemas.OrderIn,
         idempotent=True,
+        links={
+            201: {
+                "GetOrder": {
+                    "operationId": "getOrder",
+                    "parameters": {"order_id": "$response.body#/id"},
+                },
+                "RequestReturn": {
+                    "operationId": "requestReturn",
+                    "parameters": {"order_id": "$response.body#/id"},
+                },
+            }
+        },
     ),
     Operation(
         "GET",

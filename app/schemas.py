@@ -9,6 +9,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from statemachine.definition import OrderState
 
+# Bidi embeddings, overrides and isolates: they make a label or a log line
+# read differently from what it holds ("Trojan Source").
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
 
 def _clean_text(value: str) -> str:
     # Postgres text and jsonb cannot hold NUL, and lone surrogates cannot be
@@ -19,6 +23,12 @@ def _clean_text(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError("must be valid Unicode text") from exc
+    # Every field is one line printed on a label, an e-mail or a terminal:
+    # no control characters (newlines, escapes) and no bidi controls.
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in _BIDI_CONTROLS for c in value):
+        raise ValueError("must not contain control characters")
+    if not value.strip() and value:
+        raise ValueError("must not be blank")
     return value
 
 

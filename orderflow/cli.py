@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from orderflow.config import Settings
@@ -120,7 +121,37 @@ def cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
     return bench_http(args.seconds, args.concurrency)
 
 
+def _wait_for_database(attempt: Callable[[], None], stop: threading.Event) -> bool:
+    """Run `attempt` until the database answers (a worker started while Postgres
+    restarts waits for it rather than exit); False if told to stop meanwhile."""
+    import logging
+
+    import psycopg
+    import sqlalchemy.exc
+
+    delay = 0.5
+    while True:
+        try:
+            attempt()
+            return True
+        except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:
+            logging.getLogger("orderflow.worker").warning(
+                "database unavailable at start-up (%s); retrying in %.1f s",
+                type(getattr(exc, "orig", exc)).__name__,
+                delay,
+            )
+        if stop.wait(delay):
+            return False
+        delay = min(delay * 2, 10.0)
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    # A SIGTERM during start-up (imports, migration, connecting) is a clean stop too.
+    stop_early = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_early.set())
+
     from orderflow import migrate
     from orderflow.db import resolve_url
     from outbox_worker.logs import configure
@@ -129,7 +160,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     configure(args.log_level)
     url = resolve_url(settings)
-    migrate.upgrade(url)
+    if not _wait_for_database(lambda: migrate.upgrade(url), stop_early):
+        return 0
     providers = Providers(ProviderConfig.from_env())
     worker = Worker(
         url,
@@ -140,6 +172,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         report_refresh_s=float(os.environ.get("ORDERFLOW_REPORT_REFRESH_S", "60")),
     )
     worker.install_signal_handlers()
+    if stop_early.is_set():
+        worker.stop.set()
     if args.metrics_port:
         from prometheus_client import start_http_server
 

@@ -137,7 +137,7 @@ def process(
 
 def _logged(row: ClaimedRow, outcome: str, started: float, error: str | None = None) -> str:
     STEP_LATENCY.labels(row.step, outcome).observe(time.monotonic() - started)
-    if outcome in ("retry", "replay"):
+    if outcome in ("retry", "replay", "throttled"):
         STEP_RETRIES.labels(row.step).inc()
     elif outcome == "dead":
         DEAD_LETTERS.labels(row.step).inc()
@@ -312,7 +312,8 @@ def _retry_or_give_up(
     config: WorkerConfig,
 ) -> str:
     unknown = outcome.kind == Kind.UNKNOWN or bool(row.payload.get("unknown_outcome"))
-    exhausted = row.attempts >= spec.retry.max_attempts
+    throttled = outcome.kind == Kind.THROTTLED
+    exhausted = row.attempts >= spec.retry.max_attempts and not throttled
     if exhausted and not (unknown and spec.on_failure != "step_dead_lettered"):
         # Out of attempts, and the effect is known not to have happened (or an
         # operator will re-drive it with the same key): fail for good.
@@ -320,7 +321,9 @@ def _retry_or_give_up(
     # Retry.  A step whose outcome is unknown and whose failure would compensate
     # is replayed (same key) until it answers: compensating blind could keep
     # money that was taken, or refund money that never was.
-    attempt = min(row.attempts, spec.retry.max_attempts)
+    # Throttled tries give their attempt back but still stretch the backoff.
+    throttles = int(row.payload.get("throttled", 0)) + (1 if throttled else 0)
+    attempt = min(row.attempts, spec.retry.max_attempts) + throttles
     delay = backoff_s(spec.retry, attempt, config.backoff_scale)
     if outcome.retry_after_s is not None:
         delay = max(delay, outcome.retry_after_s)
@@ -333,9 +336,12 @@ def _retry_or_give_up(
                 "fence": row.fence,
                 "delay_s": delay,
                 "error": outcome.error,
-                "payload": Jsonb({"unknown_outcome": True} if unknown else {}),
+                "payload": Jsonb(
+                    {**({"unknown_outcome": True} if unknown else {}), "throttled": throttles}
+                ),
+                "give_back_attempt": throttled,
             },
         ).fetchone()
     if updated is None:
         return "stale"
-    return "replay" if unknown else "retry"
+    return "throttled" if throttled else "replay" if unknown else "retry"

@@ -13,7 +13,10 @@ from statemachine.definition import RetryPolicy
 class Kind(StrEnum):
     SUCCESS = "success"
     PERMANENT = "permanent"  # a definite no (a declined card, a 4xx): do not retry
-    TRANSIENT = "transient"  # a definite "not done" (429, 5xx, refused): retry
+    TRANSIENT = "transient"  # a definite "not done" (5xx, refused): retry
+    # 429: "not now", not "no": retry after the provider's Retry-After without
+    # using up an attempt, so a rate-limit storm delays orders but fails none.
+    THROTTLED = "throttled"
     UNKNOWN = "unknown"  # sent, no answer: it may have happened; replay the same key
 
 
@@ -35,6 +38,10 @@ class StepOutcome:
     @classmethod
     def transient(cls, error: str, retry_after_s: float | None = None) -> StepOutcome:
         return cls(Kind.TRANSIENT, {}, error, retry_after_s)
+
+    @classmethod
+    def throttled(cls, retry_after_s: float | None = None) -> StepOutcome:
+        return cls(Kind.THROTTLED, {}, "rate limited", retry_after_s)
 
     @classmethod
     def unknown(cls, error: str) -> StepOutcome:

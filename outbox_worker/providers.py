@@ -114,7 +114,7 @@ class Providers:
                 decline_code=getattr(error, "decline_code", None),
             )
         except stripe.RateLimitError as exc:
-            return StepOutcome.transient("rate limited", _retry_after(exc.headers))
+            return StepOutcome.throttled(_retry_after(exc.headers))
         except stripe.APIConnectionError as exc:
             if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
                 return StepOutcome.transient("could not connect to Stripe")
@@ -191,7 +191,7 @@ class Providers:
             except (ValueError, KeyError) as exc:
                 return StepOutcome.unknown(f"unreadable answer: {type(exc).__name__}")
         if status == 429:
-            return StepOutcome.transient("rate limited", _retry_after(response.headers))
+            return StepOutcome.throttled(_retry_after(response.headers))
         if status >= 500 or status == 408:
             return StepOutcome.transient(f"HTTP {status}")
         return StepOutcome.permanent(f"HTTP {status}: {_error_code(response)}")

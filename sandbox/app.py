@@ -67,8 +67,13 @@ class FaultRule:
     rate: float = 1.0
     count: int = -1  # how many more times it applies; -1: always
     hang_s: float = 30.0
+    duration_s: float = -1.0  # a storm: applies this long after it is set; -1: always
+    injected: int = 0  # how many times it applied (read back for test records)
+    set_at: float = field(default_factory=time.monotonic)
 
     def matches(self, endpoint: str) -> bool:
+        if self.duration_s >= 0 and time.monotonic() - self.set_at > self.duration_s:
+            return False
         return self.endpoint in ("*", endpoint, ENDPOINTS.get(endpoint, "?"))
 
 
@@ -152,6 +157,7 @@ def create_sandbox_app() -> Starlette:
                 continue
             if rule.mode == "latency":
                 if before_effect:
+                    rule.injected += 1
                     await asyncio.sleep(rule.latency_ms / 1000)
                 continue
             if rule.mode == "timeout_after_success":
@@ -182,6 +188,7 @@ def create_sandbox_app() -> Starlette:
         return None
 
     def _consume(rule: FaultRule) -> None:
+        rule.injected += 1
         if rule.count > 0:
             rule.count -= 1
 
@@ -434,8 +441,11 @@ def create_sandbox_app() -> Starlette:
     async def set_faults(request: Request) -> Response:
         body = await _json(request)
         try:
-            rules = [FaultRule(**rule) for rule in body.get("rules", [])]
-        except TypeError as exc:
+            rules = [
+                FaultRule(**{k: v for k, v in rule.items() if k not in ("injected", "set_at")})
+                for rule in body.get("rules", [])
+            ]
+        except (TypeError, AttributeError) as exc:
             return _json_error(422, "invalid_rule", str(exc))
         for rule in rules:
             if rule.mode not in ("error", "rate_limit", "timeout_after_success", "latency"):

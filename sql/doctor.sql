@@ -73,3 +73,8 @@ SELECT order_id, state, in_state_for FROM reporting.stuck_orders;
 SELECT order_id, count(*) AS n FROM payments
  WHERE kind = 'charge' AND status = 'succeeded'
  GROUP BY order_id;
+
+-- doctor_charges_in_flight --
+-- Orders whose charge is still being called (its answer may not be recorded yet)
+SELECT order_id FROM outbox
+ WHERE step = 'charge_payment' AND status IN ('pending', 'in_flight');

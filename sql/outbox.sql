@@ -51,7 +51,8 @@ RETURNING id;
 UPDATE outbox
    SET status = 'pending', lease_owner = NULL, lease_until = NULL,
        available_at = now() + make_interval(secs => %(delay_s)s), last_error = %(error)s,
-       payload = payload || %(payload)s
+       payload = payload || %(payload)s,
+       attempts = attempts - CASE WHEN %(give_back_attempt)s THEN 1 ELSE 0 END
  WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
 RETURNING id;
 

@@ -21,6 +21,15 @@ class SandboxClient:
     def faults(self, *rules: dict[str, Any]) -> None:
         httpx.post(f"{self.url}/_sandbox/faults", json={"rules": list(rules)}).raise_for_status()
 
+    def injected(self) -> dict[str, int]:
+        """How many faults the current rules have injected so far, by mode."""
+        response = httpx.get(f"{self.url}/_sandbox/faults")
+        response.raise_for_status()
+        counts: dict[str, int] = {}
+        for rule in response.json()["rules"]:
+            counts[rule["mode"]] = counts.get(rule["mode"], 0) + int(rule["injected"])
+        return counts
+
     def effects(self, kind: str | None = None, order_id: str | None = None) -> list[dict[str, Any]]:
         params = {k: v for k, v in {"kind": kind, "order_id": order_id}.items() if v}
         response = httpx.get(f"{self.url}/_sandbox/effects", params=params)

@@ -3,19 +3,19 @@ another finishes the work; the doctor is clean and each provider saw each effect
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orderflow import PROJECT_ROOT
 from outbox_worker.runner import Worker
 from statemachine.engine import advance
 from tests.helpers import place
+from tests.processes import start_worker
 from tests.sandbox_client import check_invariants, drain, states
+from tests.secrets_scan import assert_no_secrets
 
 EXTERNAL = {
     # step: (path that reaches it, final state)
@@ -58,6 +58,7 @@ def test_worker_dies_at_failpoint(
     conn: Any,
     worker: Worker,
     sandbox: Any,
+    tmp_path: Path,
     step: str,
     point: str,
     path: str,
@@ -66,18 +67,9 @@ def test_worker_dies_at_failpoint(
     if path == "refused":
         sandbox.faults({"endpoint": "shipment", "mode": "error", "status": 422})
     order = place(conn, [("MUG-01", 1)])
-    env = {
-        **os.environ,
-        **sandbox.env(),
-        "DATABASE_URL": db_url,
-        "ORDERFLOW_FAILPOINTS": f"{step}.{point}=exit",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orderflow.cli", "worker", "--lease", "1", "--log-level", "WARNING"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # --lease 1 (after start_worker's own --lease 2: the last one counts)
+    proc = start_worker(
+        db_url, sandbox, tmp_path, "--lease", "1", failpoints=f"{step}.{point}=exit"
     )
     try:
         if path == "return":
@@ -102,3 +94,4 @@ def test_worker_dies_at_failpoint(
             drain(worker, conn, timeout_s=60)
     assert states(conn)[order.id] == final
     check_invariants(conn, sandbox.effects())
+    assert_no_secrets(tmp_path.glob("*.log"))

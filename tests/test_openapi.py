@@ -87,3 +87,4 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(
         env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    print(result.stdout[-2500:])  # the phases' summary (examples, coverage, fuzzing, stateful)

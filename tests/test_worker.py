@@ -117,6 +117,20 @@ def test_rate_limit_retry_after_is_honoured(conn: Any, worker: Worker, sandbox: 
     assert len(sandbox.effects(kind="charge")) == 1
 
 
+def test_rate_limits_do_not_use_up_attempts(conn: Any, worker: Worker, sandbox: Any) -> None:
+    """Five 429s in a row (the charge step has 3 attempts): the order still confirms."""
+    sandbox.faults({"endpoint": "charge", "mode": "rate_limit", "retry_after": 0.01, "count": 5})
+    order = place(conn)
+    drain(worker, conn)
+    assert states(conn)[order.id] == "confirmed"
+    row = conn.execute(
+        "SELECT attempts, payload FROM outbox WHERE order_id = %s AND step = 'charge_payment'",
+        (order.id,),
+    ).fetchone()
+    assert row["attempts"] == 1 and row["payload"]["throttled"] == 5
+    assert len(sandbox.effects(kind="charge")) == 1
+
+
 def test_shipping_fails_after_charge_refund_then_release(
     conn: Any, worker: Worker, sandbox: Any
 ) -> None:

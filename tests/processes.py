@@ -1,0 +1,113 @@
+"""Real worker processes for the process-level tests: start, stop, place work, wait, check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from orderflow import PROJECT_ROOT
+from orderflow.orders import LineRequest, create_order
+from tests.helpers import ADDRESS
+from tests.sandbox_client import SETTLED, states
+
+DECLINED_CARD = "pm_card_chargeDeclined"
+
+
+def start_worker(
+    db_url: str, sandbox: Any, log_dir: Path, *extra: str, failpoints: str | None = None
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DATABASE_URL": db_url, **sandbox.env()}
+    env.pop("ORDERFLOW_FAILPOINTS", None)
+    if failpoints:
+        env["ORDERFLOW_FAILPOINTS"] = failpoints
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # The worker logs a JSON line per step: a file (scanned for secrets later),
+    # never a pipe nobody drains.
+    log = (log_dir / f"worker-{time.time_ns()}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "orderflow.cli", "worker", "--lease", "2", "--grace", "5", *extra],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def add_stock(conn: psycopg.Connection[Any], sku: str, units: int) -> None:
+    conn.execute("UPDATE products SET available = available + %s WHERE sku = %s", (units, sku))
+    conn.execute(
+        "INSERT INTO stock_ledger (sku, kind, delta) VALUES (%s, 'adjust', %s)", (sku, units)
+    )
+
+
+def place_many(
+    conn: psycopg.Connection[Any],
+    n: int,
+    sku: str = "NOTE-A5",
+    *,
+    decline_every: int = 10,
+    start: int = 0,
+) -> list[str]:
+    """n orders of one unit each, every `decline_every`-th with a card that is declined."""
+    add_stock(conn, sku, n * 2)
+    return [
+        create_order(
+            conn,
+            user_id=uuid.uuid4(),
+            lines=[LineRequest(sku, 1)],
+            shipping_address=ADDRESS,
+            email="buyer@example.com",
+            payment_method_id=DECLINED_CARD
+            if i % decline_every == decline_every - 1
+            else "pm_card_visa",
+            idempotency_key=f"k-{i}",
+            ttl_seconds=900,
+        ).id
+        for i in range(start, start + n)
+    ]
+
+
+def wait_settled(conn: psycopg.Connection[Any], ids: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = states(conn)
+        waiting = [i for i in ids if current[i] not in SETTLED]
+        if not waiting:
+            return
+        assert time.monotonic() < deadline, f"{len(waiting)} orders not settled: {waiting[:3]}"
+        time.sleep(0.1)
+
+
+def one_of_each(effects: list[dict[str, Any]], ids: list[str], conn: Any) -> None:
+    """Each provider saw each effect at most once; confirmed orders saw all three,
+    cancelled ones no charge that was kept."""
+    per_order = Counter((e["order_id"], e["kind"]) for e in effects)
+    assert all(n == 1 for n in per_order.values()), [k for k, n in per_order.items() if n > 1]
+    final = states(conn)
+    for order_id in ids:
+        if final[order_id] == "confirmed":
+            assert per_order[(order_id, "charge")] == 1
+            assert per_order[(order_id, "shipment")] == 1
+            assert per_order[(order_id, "email")] == 1
+        else:
+            assert final[order_id] == "cancelled", (order_id, final[order_id])
+            assert per_order[(order_id, "charge")] == per_order[(order_id, "refund")]
