@@ -7,6 +7,7 @@ import statistics
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from orderflow import PROJECT_ROOT, migrate
@@ -44,3 +45,14 @@ def pct_ms(values: list[float], pct: float) -> float | None:
 
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, sort_keys=True, allow_nan=False))
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident set (VmHWM), read before it exits; None off Linux."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

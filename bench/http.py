@@ -19,7 +19,7 @@ from typing import Any
 from ulid import ULID
 
 from app.auth import mint_token
-from bench.common import emit, pct_ms, scratch_database
+from bench.common import emit, pct_ms, peak_rss_mb, scratch_database
 from bench.loadgen import Phase, drive
 from orderflow.db import connect
 from orderflow.serving import free_port, wait_until_up
@@ -96,6 +96,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
                 return "POST", "/v1/orders", headers, body
 
             asyncio.run(drive(orders, "127.0.0.1", port, concurrency, seconds, place))
+            api_rss_mb = peak_rss_mb(server.pid)
         finally:
             server.terminate()
             server.wait(10)
@@ -108,6 +109,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
     ratio = orders.rate / bare.rate if bare.rate else 0.0
     setup = f"concurrency {concurrency}, {seconds:g} s each"
     print(f"ratio orders/bare: {ratio:.2f} (target >= 0.5), {setup}")
+    print(f"API process peak RSS: {api_rss_mb} MB (target <= 150)")
     return {
         "orders_per_s": round(orders.rate, 1),
         "p50_ms": pct_ms(orders.latencies_ms, 50),
@@ -119,6 +121,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         "concurrency": concurrency,
         "seconds": seconds,
         "errors": sum(orders.errors.values()) + sum(bare.errors.values()),
+        "api_peak_rss_mb": api_rss_mb,
     }
 
 

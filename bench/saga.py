@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, pct_ms, scratch_database
+from bench.common import emit, pct_ms, peak_rss_mb, scratch_database
 from bench.http import _make_carts
 from orderflow import PROJECT_ROOT
 from orderflow.db import connect
@@ -174,6 +174,7 @@ def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str
             with connect(url) as conn:
                 rows = conn.execute(QUERIES["bench_pickup_latencies"], {"after_id": mark})
                 pickups = [float(str(r["ms"])) for r in rows]
+            worker_rss = [peak_rss_mb(proc.pid) for proc in procs]
         finally:
             for proc in procs:
                 proc.terminate()
@@ -192,6 +193,7 @@ def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str
         f"pgbench_{pgbench_s}s_tps": round(tps, 1),
         "pgbench_N_tps": round(tps, 1),
         "ratio_to_pgbench_over_4": round(sagas_per_s / (tps / 4), 3) if tps else None,
+        "worker_peak_rss_mb": max((r for r in worker_rss if r is not None), default=None),
     }
     print(
         f"{total} sagas with {workers} worker(s) x {concurrency}: {sagas_per_s:.1f} sagas/s;"

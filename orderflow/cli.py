@@ -232,6 +232,12 @@ def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.dispatch import main as bench_dispatch
+
+    return bench_dispatch(args.rows, args.concurrency)
+
+
 def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
     from bench.saga import main as bench_saga
 
@@ -369,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="calls in flight per worker")
     p.add_argument("--pgbench-seconds", type=int, default=15)
     p.set_defaults(func=cmd_bench_saga)
+    p = bench_sub.add_parser(
+        "dispatch", help="ready outbox rows drained by one worker, no-op steps"
+    )
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.set_defaults(func=cmd_bench_dispatch)
     p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
     p.add_argument("--orders", type=int, default=1_000_000)
     p.set_defaults(func=cmd_bench_reports)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,8 +25,8 @@ from orderflow.orders import consume_reservation, release_inventory, restock_ord
 from outbox_worker.outcomes import Kind, StepOutcome, backoff_s
 from sql import QUERIES
 from statemachine.definition import STEPS_BY_NAME, OrderState, Step
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition, InvalidEventDetail
+from statemachine.engine import advance, advance_many
+from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound, StaleState
 
 log = logging.getLogger("orderflow.worker")
 
@@ -49,6 +49,9 @@ class ClaimedRow:
     fence: int
     attempts: int
     payload: dict[str, Any]
+    # What the step needs to know about its order, read by the claim itself
+    # (state, money, address, lines, payment and shipment references).
+    context: dict[str, Any]
 
 
 # Which provider call runs each external step (local steps have none).
@@ -92,6 +95,7 @@ def claim(conn: psycopg.Connection[Any], config: WorkerConfig, limit: int) -> li
             fence=r["fence"],
             attempts=r["attempts"],
             payload=r["payload"] or {},
+            context=r["context"],
         )
         for r in rows
     ]
@@ -102,15 +106,18 @@ def process(
     row: ClaimedRow,
     providers: ProviderCalls,
     config: WorkerConfig,
+    commit_batched: Callable[[Success], str] | None = None,
 ) -> str:
-    """Run one claimed row to its committed outcome; returns a label for the logs."""
+    """Run one claimed row to its committed outcome; returns a label for the logs.
+
+    With `commit_batched`, a success of a BATCHED_STEPS step is handed to it
+    (the daemon's committer, which commits many in one transaction) instead of
+    being committed here."""
     spec = STEPS_BY_NAME[row.step]
     started = time.monotonic()
-    with conn.cursor(row_factory=dict_row) as cur:
-        ctx = cur.execute(QUERIES["step_context"], {"order_id": row.order_id}).fetchone()
-    assert ctx is not None
+    ctx = row.context
     required = ONLY_IN_STATE.get(row.step)
-    if required is not None and ctx["state"] != required:
+    if required is not None and ctx["state"] != required and not _may_have_called(row):
         try:
             with conn.transaction():
                 _finish_row(conn, row, config, note=f"skipped: order is {ctx['state']}")
@@ -125,7 +132,9 @@ def process(
         outcome = CALLS[row.step](providers, ctx, row.idempotency_key)
         failpoints.hit(f"{row.step}.after_call")
 
-    if outcome.kind == Kind.SUCCESS:
+    if outcome.kind == Kind.SUCCESS and commit_batched and row.step in BATCHED_STEPS:
+        label = commit_batched(Success(row, ctx, outcome))
+    elif outcome.kind == Kind.SUCCESS:
         label = _commit_success(conn, row, spec, ctx, outcome, config)
     elif outcome.kind == Kind.PERMANENT:
         label = _commit_failure(conn, row, spec, ctx, outcome, config)
@@ -133,6 +142,16 @@ def process(
         label = _retry_or_give_up(conn, row, spec, ctx, outcome, config)
     failpoints.hit(f"{row.step}.after_commit")
     return _logged(row, label, started, outcome.error)
+
+
+def _may_have_called(row: ClaimedRow) -> bool:
+    """Could an earlier attempt of this row have reached the provider?  Then
+    skipping would keep whatever it did (money taken, a parcel booked); only a
+    replay with the same key can tell.  An attempt is known not to have reached
+    it when its failure was committed as definite (5xx, refused: `not_done`)."""
+    if row.payload.get("unknown_outcome") or row.payload.get("maybe_called"):
+        return True
+    return row.attempts - 1 > int(row.payload.get("not_done", 0))
 
 
 def _logged(row: ClaimedRow, outcome: str, started: float, error: str | None = None) -> str:
@@ -202,13 +221,11 @@ def _record_success(
 ) -> dict[str, Any]:
     """Write what the step did; return the detail of its history row."""
     facts = outcome.facts
-    detail: dict[str, Any] = {"step": row.step}
+    detail = _success_detail(row.step, facts)
     if row.step == "charge_payment":
         _payment(conn, row, ctx, "charge", "succeeded", facts["payment_intent_id"], facts)
-        detail["payment_intent_id"] = facts["payment_intent_id"]
     elif row.step in ("refund_payment", "refund_return"):
         _payment(conn, row, ctx, "refund", "succeeded", facts["refund_id"], facts)
-        detail["refund_id"] = facts["refund_id"]
     elif row.step in ("ship_order", "create_return_label"):
         conn.execute(
             QUERIES["insert_shipment"],
@@ -221,13 +238,24 @@ def _record_success(
                 "idempotency_key": row.idempotency_key,
             },
         )
-        detail["tracking_number"] = facts.get("tracking_number")
     elif row.step == "cancel_shipment":
         conn.execute(QUERIES["cancel_shipment_row"], {"order_id": row.order_id})
     elif row.step == "release_inventory":
         release_inventory(conn, row.order_id)
     elif row.step == "restock_inventory":
         restock_order(conn, row.order_id)
+    return detail
+
+
+def _success_detail(step: str, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The detail of the history row a successful step writes."""
+    detail: dict[str, Any] = {"step": step}
+    if step == "charge_payment":
+        detail["payment_intent_id"] = facts["payment_intent_id"]
+    elif step in ("refund_payment", "refund_return"):
+        detail["refund_id"] = facts["refund_id"]
+    elif step in ("ship_order", "create_return_label"):
+        detail["tracking_number"] = facts.get("tracking_number")
     return detail
 
 
@@ -337,7 +365,13 @@ def _retry_or_give_up(
                 "delay_s": delay,
                 "error": outcome.error,
                 "payload": Jsonb(
-                    {**({"unknown_outcome": True} if unknown else {}), "throttled": throttles}
+                    {
+                        **({"unknown_outcome": True} if unknown else {}),
+                        "throttled": throttles,
+                        # a definite "not done" (5xx, refused): this attempt did nothing
+                        "not_done": int(row.payload.get("not_done", 0))
+                        + (0 if unknown or throttled else 1),
+                    }
                 ),
                 "give_back_attempt": throttled,
             },
@@ -345,3 +379,97 @@ def _retry_or_give_up(
     if updated is None:
         return "stale"
     return "throttled" if throttled else "replay" if unknown else "retry"
+
+
+# Steps whose successes the daemon commits in batches: the shipping path, where
+# the facts are one shipment row (or none).  The others commit one by one.
+BATCHED_STEPS = frozenset({"ship_order", "send_confirmation"})
+
+
+@dataclass(frozen=True)
+class Success:
+    """A successful provider call waiting for its commit."""
+
+    row: ClaimedRow
+    ctx: Mapping[str, Any]
+    outcome: StepOutcome
+
+
+class BatchNotApplied(Exception):
+    """Some row of the batch cannot commit with the others (a lost lease)."""
+
+
+def commit_successes(
+    conn: psycopg.Connection[Any], items: Sequence[Success], config: WorkerConfig
+) -> list[str | BaseException]:
+    """Commit many successes in ONE transaction: the rows, the shipments, the
+    transitions (one statement each).  If any of them cannot (a lost lease, an
+    order that moved on), the transaction rolls back whole and each is
+    committed alone, with the single-row path's handling of its case."""
+    try:
+        _commit_batch(conn, items, config)
+        return ["done"] * len(items)
+    except (
+        BatchNotApplied,
+        IllegalTransition,
+        InvalidEventDetail,
+        StaleState,
+        OrderNotFound,
+        psycopg.errors.IntegrityError,
+        psycopg.errors.DeadlockDetected,
+    ):
+        pass
+    results: list[str | BaseException] = []
+    for item in items:
+        try:
+            spec = STEPS_BY_NAME[item.row.step]
+            results.append(_commit_success(conn, item.row, spec, item.ctx, item.outcome, config))
+        except Exception as exc:  # this row's; the others go on
+            results.append(exc)
+    return results
+
+
+def _commit_batch(
+    conn: psycopg.Connection[Any], items: Sequence[Success], config: WorkerConfig
+) -> None:
+    with conn.transaction():
+        finished = conn.execute(
+            QUERIES["finish_outbox_rows"],
+            {
+                "owner": config.owner,
+                "rows": Jsonb(
+                    [
+                        {"id": i.row.id, "fence": i.row.fence, "note": i.outcome.facts.get("note")}
+                        for i in items
+                    ]
+                ),
+            },
+        ).fetchall()
+        if len(finished) != len(items):
+            raise BatchNotApplied("a lease was lost")
+        shipments = [
+            {
+                "order_id": i.row.order_id,
+                "carrier_ref": i.outcome.facts["shipment_id"],
+                "tracking_number": i.outcome.facts.get("tracking_number"),
+                "label_url": i.outcome.facts.get("label_url"),
+                "idempotency_key": i.row.idempotency_key,
+            }
+            for i in items
+            if i.row.step == "ship_order"
+        ]
+        if shipments:
+            conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb(shipments)})
+        for item in items:
+            failpoints.hit(f"{item.row.step}.before_commit")
+        advance_many(
+            conn,
+            [
+                (
+                    i.row.order_id,
+                    str(STEPS_BY_NAME[i.row.step].on_success),
+                    _success_detail(i.row.step, i.outcome.facts),
+                )
+                for i in items
+            ],
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -24,7 +25,15 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orderflow.reporting import refresh
-from outbox_worker.core import ClaimedRow, ProviderCalls, WorkerConfig, claim, process
+from outbox_worker.core import (
+    ClaimedRow,
+    ProviderCalls,
+    Success,
+    WorkerConfig,
+    claim,
+    commit_successes,
+    process,
+)
 from sql import QUERIES
 from statemachine.engine import advance
 from statemachine.errors import IllegalTransition
@@ -76,6 +85,7 @@ class Worker:
         self._inflight: dict[int, ClaimedRow] = {}
         self._lock = threading.Lock()
         self._last_housekeeping = 0.0
+        self._committer: Committer | None = None  # the daemon's; run_once commits per row
 
     def close(self) -> None:
         self.pool.close()
@@ -96,9 +106,16 @@ class Worker:
     def _process(self, row: ClaimedRow) -> str:
         with self._lock:
             self._inflight[row.id] = row
+        committer = self._committer
         try:
             with self.pool.connection() as conn:
-                return process(conn, row, self.providers, self.config)
+                return process(
+                    conn,
+                    row,
+                    self.providers,
+                    self.config,
+                    committer.submit if committer is not None else None,
+                )
         except Exception:
             log.exception("step crashed", extra={"order_id": row.order_id, "step": row.step})
             return "crashed"  # the lease expires and another attempt picks it up
@@ -149,6 +166,7 @@ class Worker:
         heart = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heart.start()
         futures: set[Future[str]] = set()
+        self._committer = Committer(self.pool, self.config)
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="step") as executor:
             while not self.stop.is_set():
                 if time.monotonic() - self._last_housekeeping > self.housekeeping_s:
@@ -164,6 +182,8 @@ class Worker:
                     self._wake.wait(self.poll_s)
                     self._wake.clear()
             self._drain(futures, grace_s)
+        self._committer.close()  # every step thread is done: nothing more comes
+        self._committer = None
         log.info("worker stopped", extra={"outcome": "stopped"})
 
     def _claim(self, limit: int) -> list[ClaimedRow]:
@@ -226,3 +246,55 @@ class Worker:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+
+class Committer:
+    """Commits the daemon's successful steps in batches (group commit).
+
+    Step threads hand over their success and wait; this thread takes whatever
+    has queued up (up to `max_batch`) and commits it in one transaction, so
+    under load many rows share one commit, and when idle a lone row commits at
+    once.  A step thread's slot stays taken until its row is committed."""
+
+    def __init__(self, pool: ConnectionPool, config: WorkerConfig, max_batch: int = 64) -> None:
+        self.pool = pool
+        self.config = config
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Success, Future[str]]] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="committer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Success) -> str:
+        future: Future[str] = Future()
+        self._queue.put((item, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=0.1)]
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            results: list[str | BaseException]
+            try:
+                with self.pool.connection() as conn:
+                    results = commit_successes(conn, [item for item, _ in batch], self.config)
+            except Exception as exc:  # the database is gone: every row's lease expires
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

@@ -145,3 +145,33 @@ SELECT count(*) AS n FROM payments;
 -- bench_count_outbox --
 -- How many outbox rows
 SELECT count(*) AS n FROM outbox;
+
+-- bench_dispatch_ready --
+-- Make every order's charge done and move it to paid with its ship_order row (setup for bench dispatch)
+WITH charged AS (
+    UPDATE outbox SET status = 'done', done_at = now()
+     WHERE step = 'charge_payment' AND status = 'pending'
+    RETURNING order_id
+), paid AS (
+    UPDATE orders o SET state = 'paid', updated_at = now()
+      FROM charged c WHERE o.id = c.order_id AND o.state = 'reserved'
+    RETURNING o.id
+), history AS (
+    INSERT INTO order_history (order_id, from_state, to_state, event, detail)
+    SELECT id, 'reserved', 'paid', 'payment_captured',
+           jsonb_build_object('step', 'charge_payment', 'payment_intent_id', 'pi_bench_' || id)
+      FROM paid
+)
+INSERT INTO outbox (order_id, step, idempotency_key, available_at)
+SELECT id, 'ship_order', id || ':ship_order', now() + interval '1 hour' FROM paid;
+
+-- bench_dispatch_release --
+-- Make every seeded ship_order row ready at once (the clock starts here)
+UPDATE outbox SET available_at = now() WHERE step = 'ship_order' AND status = 'pending';
+
+-- bench_dispatch_span --
+-- Rows finished and seconds from the first claim to the last finish
+SELECT count(*) AS rows,
+       EXTRACT(EPOCH FROM max(done_at) - min(claimed_at)) AS seconds
+  FROM outbox
+ WHERE step IN ('ship_order', 'send_confirmation') AND status = 'done';

@@ -5,13 +5,16 @@ SELECT order_id FROM payments
  GROUP BY order_id HAVING count(*) > 1;
 
 -- doctor_kept_money --
--- Settled orders whose captured payment was neither shipped nor refunded
+-- Settled orders whose captured payment was neither shipped nor refunded, nor is being refunded (a late capture's refund may still be running)
 SELECT o.id AS order_id
   FROM orders o
   JOIN payments c ON c.order_id = o.id AND c.kind = 'charge' AND c.status = 'succeeded'
  WHERE o.state IN ('cancelled', 'returned')
    AND NOT EXISTS (SELECT 1 FROM payments r
-                    WHERE r.order_id = o.id AND r.kind = 'refund' AND r.status = 'succeeded');
+                    WHERE r.order_id = o.id AND r.kind = 'refund' AND r.status = 'succeeded')
+   AND NOT EXISTS (SELECT 1 FROM outbox ob
+                    WHERE ob.order_id = o.id AND ob.step IN ('refund_payment', 'refund_return')
+                      AND ob.status IN ('pending', 'in_flight'));
 
 -- doctor_stock --
 -- SKUs where stock is not conserved: initial = available + live reservations + sold - restocked, and available = the ledger's sum

@@ -244,3 +244,47 @@ SELECT id, state FROM orders WHERE id = %(order_id)s AND user_id = %(user_id)s;
 -- order_states_of --
 -- The states of some orders
 SELECT id, state FROM orders WHERE id = ANY(%(ids)s::text[]);
+
+-- lock_orders --
+-- Lock a batch of orders (in id order, so batches never deadlock) and read each one's state, history and outbox steps
+SELECT o.id, o.state,
+       ARRAY(SELECT ob.step FROM outbox ob WHERE ob.order_id = o.id ORDER BY ob.id) AS steps,
+       COALESCE(
+           (SELECT json_agg(json_build_object(
+                        'from_state', h.from_state, 'to_state', h.to_state,
+                        'event', h.event, 'detail', h.detail) ORDER BY h.id)
+              FROM order_history h
+             WHERE h.order_id = o.id),
+           '[]'::json) AS history
+  FROM orders o
+ WHERE o.id = ANY(%(order_ids)s)
+ ORDER BY o.id
+   FOR UPDATE OF o;
+
+-- transition_orders --
+-- Move a batch of orders, each guarded by its old state; record their history and emitted outbox rows; one NOTIFY
+WITH input AS (
+    SELECT *
+      FROM jsonb_to_recordset(%(moves)s)
+           AS i(order_id text, from_state text, to_state text, event text, detail jsonb,
+                steps jsonb)
+), moved AS (
+    UPDATE orders o
+       SET state = i.to_state, updated_at = now()
+      FROM input i
+     WHERE o.id = i.order_id AND o.state = i.from_state
+ RETURNING o.id
+), history AS (
+    INSERT INTO order_history (order_id, from_state, to_state, event, detail)
+    SELECT i.order_id, i.from_state, i.to_state, i.event, i.detail
+      FROM input i JOIN moved m ON m.id = i.order_id
+), emitted AS (
+    INSERT INTO outbox (order_id, step, idempotency_key)
+    SELECT i.order_id, s.step, i.order_id || ':' || s.step
+      FROM input i JOIN moved m ON m.id = i.order_id
+     CROSS JOIN jsonb_array_elements_text(i.steps) AS s(step)
+ RETURNING id
+)
+SELECT (SELECT count(*) FROM moved) AS moved,
+       (SELECT count(*) FROM emitted) AS emitted,
+       (SELECT pg_notify('orderflow_outbox', '') WHERE EXISTS (SELECT 1 FROM emitted)) AS notified;

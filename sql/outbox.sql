@@ -1,5 +1,5 @@
 -- claim_outbox --
--- Claim up to n ready rows (pending and due, or in flight with an expired lease): lease them, bump the fence
+-- Claim up to n ready rows (pending and due, or in flight with an expired lease): lease them, bump the fence; with each, what its step needs to know about the order (state, money, address, lines, payment and shipment references)
 WITH ready AS (
     SELECT id
       FROM outbox
@@ -8,35 +8,38 @@ WITH ready AS (
      ORDER BY available_at, id
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE outbox o
+       SET status = 'in_flight',
+           lease_owner = %(owner)s,
+           lease_until = now() + make_interval(secs => %(lease_s)s),
+           fence = o.fence + 1,
+           attempts = o.attempts + 1,
+           claimed_at = COALESCE(o.claimed_at, clock_timestamp())
+      FROM ready
+     WHERE o.id = ready.id
+    RETURNING o.id, o.order_id, o.step, o.idempotency_key, o.fence, o.attempts, o.payload
 )
-UPDATE outbox o
-   SET status = 'in_flight',
-       lease_owner = %(owner)s,
-       lease_until = now() + make_interval(secs => %(lease_s)s),
-       fence = o.fence + 1,
-       attempts = o.attempts + 1,
-       claimed_at = COALESCE(o.claimed_at, clock_timestamp())
-  FROM ready
- WHERE o.id = ready.id
-RETURNING o.id, o.order_id, o.step, o.idempotency_key, o.fence, o.attempts, o.payload;
-
--- step_context --
--- What a step needs to know about its order: state, money, address, lines, payment and shipment references
-SELECT o.id, o.state, o.total_cents, o.currency, o.payment_method_id, o.shipping_address, o.email,
-       COALESCE(
-           (SELECT json_agg(json_build_object('sku', l.sku, 'qty', l.qty) ORDER BY l.sku)
-              FROM order_lines l WHERE l.order_id = o.id),
-           '[]'::json) AS lines,
-       (SELECT p.provider_ref FROM payments p
-         WHERE p.order_id = o.id AND p.kind = 'charge' AND p.status = 'succeeded') AS payment_intent_id,
-       (SELECT p.amount_cents FROM payments p
-         WHERE p.order_id = o.id AND p.kind = 'charge' AND p.status = 'succeeded') AS captured_cents,
-       (SELECT s.carrier_ref FROM shipments s
-         WHERE s.order_id = o.id AND s.kind = 'outbound') AS shipment_id,
-       (SELECT s.tracking_number FROM shipments s
-         WHERE s.order_id = o.id AND s.kind = 'outbound') AS tracking_number
-  FROM orders o
- WHERE o.id = %(order_id)s;
+SELECT c.*,
+       json_build_object(
+           'id', ord.id, 'state', ord.state, 'total_cents', ord.total_cents,
+           'currency', ord.currency, 'payment_method_id', ord.payment_method_id,
+           'shipping_address', ord.shipping_address, 'email', ord.email,
+           'lines', COALESCE(
+               (SELECT json_agg(json_build_object('sku', l.sku, 'qty', l.qty) ORDER BY l.sku)
+                  FROM order_lines l WHERE l.order_id = ord.id),
+               '[]'::json),
+           'payment_intent_id', pay.provider_ref,
+           'captured_cents', pay.amount_cents,
+           'shipment_id', shp.carrier_ref,
+           'tracking_number', shp.tracking_number
+       ) AS context
+  FROM claimed c
+  JOIN orders ord ON ord.id = c.order_id
+  LEFT JOIN payments pay
+         ON pay.order_id = c.order_id AND pay.kind = 'charge' AND pay.status = 'succeeded'
+  LEFT JOIN shipments shp ON shp.order_id = c.order_id AND shp.kind = 'outbound'
+ ORDER BY c.id;
 
 -- finish_outbox_row --
 -- Mark a claimed row done, only if our lease still holds (owner and fence)
@@ -64,10 +67,11 @@ UPDATE outbox
 RETURNING id;
 
 -- release_outbox_rows --
--- On shutdown: give our unfinished rows back at once (the attempt does not count)
+-- On shutdown: give our unfinished rows back at once (the attempt does not count, but its call may still have reached the provider)
 UPDATE outbox
    SET status = 'pending', lease_owner = NULL, lease_until = NULL, available_at = now(),
-       attempts = GREATEST(attempts - 1, 0)
+       attempts = GREATEST(attempts - 1, 0),
+       payload = payload || '{"maybe_called": true}'
  WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND lease_owner = %(owner)s
 RETURNING id;
 
@@ -155,3 +159,22 @@ LISTEN orderflow_outbox;
 -- open_outbox_rows --
 -- How many outbox rows are still to be worked (pending or in flight)
 SELECT count(*) AS n FROM outbox WHERE status IN ('pending', 'in_flight');
+
+-- finish_outbox_rows --
+-- Mark a batch of claimed rows done, each only if our lease on it still holds (owner and fence)
+UPDATE outbox o
+   SET status = 'done', done_at = now(), lease_owner = NULL, lease_until = NULL,
+       last_error = f.note
+  FROM jsonb_to_recordset(%(rows)s) AS f(id bigint, fence bigint, note text)
+ WHERE o.id = f.id AND o.fence = f.fence AND o.status = 'in_flight'
+   AND o.lease_owner = %(owner)s
+RETURNING o.id;
+
+-- insert_shipments --
+-- Record a batch of outbound shipments (one per order; a replay inserts nothing)
+INSERT INTO shipments (order_id, kind, carrier_ref, tracking_number, label_url, idempotency_key)
+SELECT s.order_id, 'outbound', s.carrier_ref, s.tracking_number, s.label_url, s.idempotency_key
+  FROM jsonb_to_recordset(%(shipments)s)
+       AS s(order_id text, carrier_ref text, tracking_number text, label_url text,
+            idempotency_key text)
+ON CONFLICT (order_id, kind) DO NOTHING;

@@ -9,7 +9,7 @@ caller's row update and the transition commit or roll back together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -37,14 +37,7 @@ def advance(
         row = cur.execute(QUERIES["lock_order"], {"order_id": order_id}).fetchone()
         if row is None:
             raise OrderNotFound(order_id)
-        facts = facts_from_history(
-            (
-                HistoryEntry(h["from_state"], h["to_state"], h["event"], h["detail"] or {})
-                for h in row["history"]
-            ),
-            emitted_steps=row["steps"],
-        )
-        outcome = decide(row["state"], event, facts, detail, order_id=order_id)
+        outcome = _decide_locked(row, event, detail)
         result = cur.execute(
             QUERIES["transition_order"],
             {
@@ -62,3 +55,52 @@ def advance(
             raise StaleState(order_id, outcome.source.value)
         failpoints.hit("advance.after_write")
     return outcome
+
+
+def advance_many(
+    conn: psycopg.Connection[Any], moves: Sequence[tuple[str, str, Mapping[str, Any]]]
+) -> list[Outcome]:
+    """`advance` for a batch of (order id, event, detail), one order at most once:
+    one statement locks them all, one moves them all.  All or nothing: any
+    order that cannot move raises (as `advance` would) and nothing is written."""
+    order_ids = [order_id for order_id, _, _ in moves]
+    if len(set(order_ids)) != len(order_ids):
+        raise ValueError("advance_many: an order appears twice in one batch")
+    with atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        locked = {
+            r["id"]: r
+            for r in cur.execute(QUERIES["lock_orders"], {"order_ids": order_ids}).fetchall()
+        }
+        outcomes = []
+        for order_id, event, detail in moves:
+            if order_id not in locked:
+                raise OrderNotFound(order_id)
+            outcomes.append(_decide_locked(locked[order_id], event, detail))
+        payload = [
+            {
+                "order_id": order_id,
+                "from_state": outcome.source.value,
+                "to_state": outcome.dest.value,
+                "event": event,
+                "detail": dict(detail),
+                "steps": list(outcome.emits),
+            }
+            for (order_id, event, detail), outcome in zip(moves, outcomes, strict=True)
+        ]
+        result = cur.execute(QUERIES["transition_orders"], {"moves": Jsonb(payload)}).fetchone()
+        if result is None or result["moved"] != len(moves):
+            raise StaleState(",".join(order_ids), "(batch)")
+        failpoints.hit("advance.after_write")
+    return outcomes
+
+
+def _decide_locked(row: Mapping[str, Any], event: str, detail: Mapping[str, Any]) -> Outcome:
+    """Decide `event` for an order row read by lock_order(s) (state, history, steps)."""
+    facts = facts_from_history(
+        (
+            HistoryEntry(h["from_state"], h["to_state"], h["event"], h["detail"] or {})
+            for h in row["history"]
+        ),
+        emitted_steps=row["steps"],
+    )
+    return decide(row["state"], event, facts, detail, order_id=row["id"])

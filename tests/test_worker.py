@@ -9,9 +9,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from orderflow import failpoints
 from orderflow.db import connect
-from outbox_worker.core import WorkerConfig, claim, process
+from outbox_worker.core import Success, WorkerConfig, claim, commit_successes, process
+from outbox_worker.outcomes import StepOutcome
 from outbox_worker.runner import Worker
+from statemachine.engine import advance
 from tests.helpers import place
 from tests.sandbox_client import check_invariants, drain, states
 
@@ -322,3 +325,93 @@ def test_worker_metrics_count_retries_compensations_and_dead_letters(
     )
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     assert b"orderflow_step_duration_seconds_bucket" in generate_latest(REGISTRY)
+
+
+def _paid_and_claimed(conn: Any, n: int, config: WorkerConfig) -> list[Any]:
+    """n paid orders whose ship_order rows are claimed by `config.owner`."""
+    ids = [place(conn).id for _ in range(n)]
+    for order_id in ids:
+        advance(conn, order_id, "payment_captured",
+                {"step": "charge_payment", "payment_intent_id": f"pi_{order_id}"})  # fmt: skip
+    conn.execute("UPDATE outbox SET status = 'done', done_at = now() WHERE step = 'charge_payment'")
+    rows = claim(conn, config, 100)
+    assert sorted(r.order_id for r in rows) == sorted(ids)
+    return [
+        Success(
+            row,
+            row.context,
+            StepOutcome.success(shipment_id=f"shp_{row.order_id}", tracking_number="T1"),
+        )
+        for row in rows
+    ]
+
+
+def test_batched_successes_commit_together(conn: Any) -> None:
+    config = WorkerConfig(owner="batch-test")
+    items = _paid_and_claimed(conn, 5, config)
+    commits = conn.execute(
+        "SELECT xact_commit AS n FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()["n"]
+    with connect(conn.info.dsn) as other:
+        assert commit_successes(other, items, config) == ["done"] * 5
+    assert set(states(conn).values()) == {"shipped"}
+    shipped = conn.execute(
+        "SELECT count(*) AS n FROM shipments WHERE kind = 'outbound'"
+    ).fetchone()["n"]
+    nexts = conn.execute(
+        "SELECT count(*) AS n FROM outbox WHERE step = 'send_confirmation' AND status = 'pending'"
+    ).fetchone()["n"]
+    assert shipped == 5 and nexts == 5
+    time.sleep(0.6)  # pg_stat_database is flushed every 500 ms
+    after = conn.execute(
+        "SELECT xact_commit AS n FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()["n"]
+    assert after - commits <= 3  # one for the batch (plus this test's own reads)
+    check_invariants(conn, [])
+
+
+def test_a_lost_lease_in_a_batch_commits_the_others_alone(conn: Any) -> None:
+    config = WorkerConfig(owner="batch-test")
+    items = _paid_and_claimed(conn, 3, config)
+    lost = items[1].row
+    conn.execute("UPDATE outbox SET fence = fence + 1 WHERE id = %s", (lost.id,))  # taken over
+    with connect(conn.info.dsn) as other:
+        assert commit_successes(other, items, config) == ["done", "stale", "done"]
+    final = states(conn)
+    assert [final[i.row.order_id] for i in items] == ["shipped", "paid", "shipped"]
+    assert (
+        conn.execute(
+            "SELECT count(*) AS n FROM shipments WHERE order_id = %s", (lost.order_id,)
+        ).fetchone()["n"]
+        == 0
+    )
+
+
+def test_a_charge_that_may_have_happened_is_replayed_not_skipped(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    """The worker dies after Stripe charged (nothing committed); before the row is
+    retried the reservation expires and the order is cancelled.  The retry must
+    not skip the charge as "order moved on": it replays the key, learns the money
+    was taken, records the late capture and refunds it.  (Found by the stateful test.)"""
+    order = place(conn)
+    with failpoints.armed("charge_payment.after_call", "raise"):
+        worker.run_once()  # charged at Stripe; the worker "dies" before its commit
+    assert len(sandbox.effects(kind="charge")) == 1
+    conn.execute("UPDATE outbox SET lease_until = now() - interval '1 second'")
+    conn.execute("UPDATE reservations SET expires_at = created_at + interval '1 microsecond'")
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert len(sandbox.effects(kind="refund")) == 1  # the money went back
+    check_invariants(conn, sandbox.effects())
+
+
+def test_a_charge_never_attempted_is_skipped_once_the_order_moved_on(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    order = place(conn)
+    conn.execute("UPDATE reservations SET expires_at = created_at + interval '1 microsecond'")
+    worker.expire_reservations()
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert sandbox.effects() == []  # first attempt, order already gone: no charge at all

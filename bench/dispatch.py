@@ -1,0 +1,136 @@
+"""`orderflow bench dispatch`: how fast one worker process drains ready outbox rows.
+
+N orders are placed through the real create path and moved to `paid` with a
+`ship_order` row each, held back; then one worker process with no-op
+providers (no HTTP, no provider latency) is started and the rows released.
+Each `ship_order` row still runs the whole commit path: the guarded row
+update, the shipment row, the state transition with its history and the next
+outbox row (`send_confirmation`), which the worker then drains too.  The
+figure is rows finished per second, first claim to last finish (database
+clocks).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from bench.common import emit, peak_rss_mb, scratch_database
+from orderflow import PROJECT_ROOT
+from orderflow.db import connect
+from orderflow.orders import LineRequest, create_order
+from outbox_worker.outcomes import StepOutcome
+from sql import QUERIES
+
+ADDRESS = {"name": "B", "line1": "1 Bench St", "city": "Berlin", "postal_code": "10115",
+           "country": "DE"}  # fmt: skip
+
+
+class NoopProviders:
+    """Every provider call succeeds at once (the ProviderCalls protocol)."""
+
+    def charge(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
+        return StepOutcome.success(payment_intent_id=f"pi_{key}")
+
+    def refund(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
+        return StepOutcome.success(refund_id=f"re_{key}")
+
+    def ship(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
+        return StepOutcome.success(shipment_id=f"shp_{key}", tracking_number="T0")
+
+    def cancel_shipment(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
+        return StepOutcome.success()
+
+    def return_label(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
+        return StepOutcome.success(shipment_id=f"ret_{key}")
+
+    def send_confirmation(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
+        return StepOutcome.success(message_id=f"msg_{key}")
+
+
+def worker_main(url: str, concurrency: int) -> None:
+    """The worker process: the real Worker loop with no-op providers."""
+    from outbox_worker.runner import Worker
+
+    worker = Worker(url, NoopProviders(), concurrency=concurrency, housekeeping_s=3600)
+    worker.install_signal_handlers()
+    try:
+        worker.run_forever(grace_s=5)
+    finally:
+        worker.close()
+
+
+def _seed(url: str, rows: int) -> None:
+    with connect(url) as conn:
+        conn.execute("UPDATE products SET available = available + %s WHERE sku = 'NOTE-A5'",
+                     (rows,))  # fmt: skip
+        conn.execute(
+            "INSERT INTO stock_ledger (sku, kind, delta) VALUES ('NOTE-A5', 'adjust', %s)", (rows,)
+        )
+        for i in range(rows):
+            create_order(
+                conn,
+                user_id=uuid.uuid4(),
+                lines=[LineRequest("NOTE-A5", 1)],
+                shipping_address=ADDRESS,
+                email=None,
+                payment_method_id="pm_card_visa",
+                idempotency_key=f"dispatch-{i}",
+                ttl_seconds=3600,
+            )
+        conn.execute(QUERIES["bench_dispatch_ready"])
+        conn.execute("VACUUM ANALYZE outbox")
+        conn.execute("VACUUM ANALYZE orders")
+
+
+def run(rows: int, concurrency: int) -> dict[str, Any]:
+    with scratch_database("orderflow_bench_dispatch") as url:
+        _seed(url, rows)
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             f"from bench.dispatch import worker_main; worker_main({url!r}, {concurrency})"],
+            cwd=PROJECT_ROOT,
+        )  # fmt: skip
+        try:
+            time.sleep(2.0)  # imports and the first claim (of nothing) before the clock runs
+            with connect(url) as conn:
+                conn.execute(QUERIES["bench_dispatch_release"])
+                deadline = time.monotonic() + 600
+                while True:
+                    done: dict[str, Any] | None = conn.execute(
+                        QUERIES["bench_dispatch_span"]
+                    ).fetchone()
+                    assert done is not None
+                    if int(done["rows"]) >= 2 * rows:
+                        break
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"only {done['rows']} of {2 * rows} rows finished")
+                    time.sleep(0.2)
+            worker_rss_mb = peak_rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    seconds = float(str(done["seconds"]))
+    return {
+        "rows": int(done["rows"]),
+        "concurrency": concurrency,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(int(done["rows"]) / seconds, 1),
+        "worker_peak_rss_mb": worker_rss_mb,
+    }
+
+
+def main(rows: int, concurrency: int) -> int:
+    result = run(rows, concurrency)
+    print(
+        f"one worker x {concurrency} drained {result['rows']} rows ({rows} ship_order +"
+        f" {rows} send_confirmation, no-op providers) in {result['seconds']} s:"
+        f" {result['rows_per_s']} rows/s (targets: 2,836 pgqueuer/psycopg, 9,702 asyncpg);"
+        f" worker peak RSS {result['worker_peak_rss_mb']} MB"
+    )
+    emit(result)
+    return 0
