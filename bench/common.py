@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import uuid
 from collections.abc import Iterator
@@ -56,3 +57,18 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         pass
     return None
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) of a process, or of the whole machine if pid is None."""
+    try:
+        if pid is None:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            busy = sum(
+                int(f) for i, f in enumerate(fields) if i not in (3, 4)
+            )  # minus idle, iowait
+            return busy / os.sysconf("SC_CLK_TCK")
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from bench.common import emit, peak_rss_mb, scratch_database
+from bench.common import cpu_seconds, emit, peak_rss_mb, scratch_database
 from orderflow import PROJECT_ROOT
 from orderflow.db import connect
 from orderflow.orders import LineRequest, create_order
@@ -98,6 +98,7 @@ def run(rows: int, concurrency: int) -> dict[str, Any]:
         try:
             time.sleep(2.0)  # imports and the first claim (of nothing) before the clock runs
             with connect(url) as conn:
+                machine_cpu0, worker_cpu0 = cpu_seconds(), cpu_seconds(proc.pid)
                 conn.execute(QUERIES["bench_dispatch_release"])
                 deadline = time.monotonic() + 600
                 while True:
@@ -110,12 +111,24 @@ def run(rows: int, concurrency: int) -> dict[str, Any]:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise RuntimeError(f"only {done['rows']} of {2 * rows} rows finished")
                     time.sleep(0.2)
+            machine_cpu1, worker_cpu1 = cpu_seconds(), cpu_seconds(proc.pid)
             worker_rss_mb = peak_rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
     seconds = float(str(done["seconds"]))
+    finished = int(done["rows"])
+    cpu: dict[str, float | None] = {"worker_cpu_ms_per_row": None, "other_cpu_ms_per_row": None}
+    if None not in (machine_cpu0, machine_cpu1, worker_cpu0, worker_cpu1):
+        worker_cpu = worker_cpu1 - worker_cpu0  # type: ignore[operator]
+        machine_cpu = machine_cpu1 - machine_cpu0  # type: ignore[operator]
+        cpu = {
+            "worker_cpu_ms_per_row": round(worker_cpu * 1000 / finished, 3),
+            # Postgres, mostly (this process only polls every 200 ms)
+            "other_cpu_ms_per_row": round((machine_cpu - worker_cpu) * 1000 / finished, 3),
+        }
     return {
+        **cpu,
         "rows": int(done["rows"]),
         "concurrency": concurrency,
         "seconds": round(seconds, 3),
@@ -130,7 +143,9 @@ def main(rows: int, concurrency: int) -> int:
         f"one worker x {concurrency} drained {result['rows']} rows ({rows} ship_order +"
         f" {rows} send_confirmation, no-op providers) in {result['seconds']} s:"
         f" {result['rows_per_s']} rows/s (targets: 2,836 pgqueuer/psycopg, 9,702 asyncpg);"
-        f" worker peak RSS {result['worker_peak_rss_mb']} MB"
+        f" worker peak RSS {result['worker_peak_rss_mb']} MB; CPU per row: worker"
+        f" {result['worker_cpu_ms_per_row']} ms, the rest (Postgres)"
+        f" {result['other_cpu_ms_per_row']} ms"
     )
     emit(result)
     return 0

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("worker", help="run the outbox worker daemon")
-    p.add_argument("--concurrency", type=int, default=8, help="provider calls in flight")
+    p.add_argument("--concurrency", type=int, default=32, help="provider calls in flight")
     p.add_argument("--lease", type=float, default=30.0, help="lease of a claimed row, seconds")
     p.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM, seconds")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser(
         "dispatch", help="ready outbox rows drained by one worker, no-op steps"
     )
-    p.add_argument("--rows", type=int, default=2000)
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--concurrency", type=int, default=64)
     p.set_defaults(func=cmd_bench_dispatch)
     p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
     p.add_argument("--orders", type=int, default=1_000_000)

@@ -106,42 +106,58 @@ def process(
     row: ClaimedRow,
     providers: ProviderCalls,
     config: WorkerConfig,
-    commit_batched: Callable[[Success], str] | None = None,
 ) -> str:
-    """Run one claimed row to its committed outcome; returns a label for the logs.
-
-    With `commit_batched`, a success of a BATCHED_STEPS step is handed to it
-    (the daemon's committer, which commits many in one transaction) instead of
-    being committed here."""
-    spec = STEPS_BY_NAME[row.step]
+    """Run one claimed row to its committed outcome; returns a label for the logs."""
     started = time.monotonic()
-    ctx = row.context
+    return commit_step(conn, row, call_step(row, providers), config, started)
+
+
+def call_step(row: ClaimedRow, providers: ProviderCalls) -> StepOutcome | None:
+    """The step's provider call (no database: the claim read the context).
+
+    None means "skip": a forward step whose order moved on, and no earlier
+    attempt of which can have reached the provider."""
     required = ONLY_IN_STATE.get(row.step)
-    if required is not None and ctx["state"] != required and not _may_have_called(row):
+    if required is not None and row.context["state"] != required and not _may_have_called(row):
+        return None
+    if row.step in LOCAL_STEPS:
+        return StepOutcome.success()
+    failpoints.hit(f"{row.step}.before_call")
+    outcome = CALLS[row.step](providers, row.context, row.idempotency_key)
+    failpoints.hit(f"{row.step}.after_call")
+    return outcome
+
+
+def commit_step(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    outcome: StepOutcome | None,
+    config: WorkerConfig,
+    started: float,
+) -> str:
+    """Commit what `call_step` came to, in one transaction; returns the log label."""
+    ctx = row.context
+    if outcome is None:
         try:
             with conn.transaction():
                 _finish_row(conn, row, config, note=f"skipped: order is {ctx['state']}")
         except StaleLease:
             return _logged(row, "stale", started)
         return _logged(row, "skipped", started)
-
-    if row.step in LOCAL_STEPS:
-        outcome = StepOutcome.success()
-    else:
-        failpoints.hit(f"{row.step}.before_call")
-        outcome = CALLS[row.step](providers, ctx, row.idempotency_key)
-        failpoints.hit(f"{row.step}.after_call")
-
-    if outcome.kind == Kind.SUCCESS and commit_batched and row.step in BATCHED_STEPS:
-        label = commit_batched(Success(row, ctx, outcome))
-    elif outcome.kind == Kind.SUCCESS:
+    spec = STEPS_BY_NAME[row.step]
+    if outcome.kind == Kind.SUCCESS:
         label = _commit_success(conn, row, spec, ctx, outcome, config)
     elif outcome.kind == Kind.PERMANENT:
         label = _commit_failure(conn, row, spec, ctx, outcome, config)
     else:
         label = _retry_or_give_up(conn, row, spec, ctx, outcome, config)
+    return committed(row, label, started, outcome.error)
+
+
+def committed(row: ClaimedRow, label: str, started: float, error: str | None = None) -> str:
+    """After a step's commit: its failpoint, its metrics and its log line."""
     failpoints.hit(f"{row.step}.after_commit")
-    return _logged(row, label, started, outcome.error)
+    return _logged(row, label, started, error)
 
 
 def _may_have_called(row: ClaimedRow) -> bool:
@@ -391,7 +407,6 @@ class Success:
     """A successful provider call waiting for its commit."""
 
     row: ClaimedRow
-    ctx: Mapping[str, Any]
     outcome: StepOutcome
 
 
@@ -423,7 +438,9 @@ def commit_successes(
     for item in items:
         try:
             spec = STEPS_BY_NAME[item.row.step]
-            results.append(_commit_success(conn, item.row, spec, item.ctx, item.outcome, config))
+            results.append(
+                _commit_success(conn, item.row, spec, item.row.context, item.outcome, config)
+            )
         except Exception as exc:  # this row's; the others go on
             results.append(exc)
     return results

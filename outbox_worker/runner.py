@@ -26,14 +26,18 @@ from psycopg_pool import ConnectionPool
 
 from orderflow.reporting import refresh
 from outbox_worker.core import (
+    BATCHED_STEPS,
     ClaimedRow,
     ProviderCalls,
     Success,
     WorkerConfig,
+    call_step,
     claim,
+    commit_step,
     commit_successes,
-    process,
+    committed,
 )
+from outbox_worker.outcomes import Kind
 from sql import QUERIES
 from statemachine.engine import advance
 from statemachine.errors import IllegalTransition
@@ -75,7 +79,10 @@ class Worker:
         self.pool = ConnectionPool(
             url,
             min_size=1,
-            max_size=self.concurrency + 2,
+            # Step threads hold a connection only to commit one row alone; the
+            # batched successes share the committer's.  Bounded: 128 calls in
+            # flight must not mean 128 Postgres sessions.
+            max_size=min(self.concurrency, 16) + 3,
             kwargs={"autocommit": True, "row_factory": dict_row},
             open=True,
             name="orderflow-worker",
@@ -106,16 +113,19 @@ class Worker:
     def _process(self, row: ClaimedRow) -> str:
         with self._lock:
             self._inflight[row.id] = row
-        committer = self._committer
+        started = time.monotonic()
         try:
+            outcome = call_step(row, self.providers)  # holds no connection meanwhile
+            committer = self._committer
+            if (
+                committer is not None
+                and outcome is not None
+                and outcome.kind == Kind.SUCCESS
+                and row.step in BATCHED_STEPS
+            ):
+                return committed(row, committer.submit(Success(row, outcome)), started)
             with self.pool.connection() as conn:
-                return process(
-                    conn,
-                    row,
-                    self.providers,
-                    self.config,
-                    committer.submit if committer is not None else None,
-                )
+                return commit_step(conn, row, outcome, self.config, started)
         except Exception:
             log.exception("step crashed", extra={"order_id": row.order_id, "step": row.step})
             return "crashed"  # the lease expires and another attempt picks it up
@@ -256,14 +266,22 @@ class Committer:
     under load many rows share one commit, and when idle a lone row commits at
     once.  A step thread's slot stays taken until its row is committed."""
 
-    def __init__(self, pool: ConnectionPool, config: WorkerConfig, max_batch: int = 64) -> None:
+    def __init__(
+        self, pool: ConnectionPool, config: WorkerConfig, max_batch: int = 128, threads: int = 1
+    ) -> None:
         self.pool = pool
         self.config = config
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[Success, Future[str]]] = queue.SimpleQueue()
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="committer", daemon=True)
-        self._thread.start()
+        # Two, so one batch gathers while the other waits for its COMMIT to flush;
+        # their orders never overlap (a row per order is in flight at most).
+        self._threads = [
+            threading.Thread(target=self._run, name=f"committer-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, item: Success) -> str:
         future: Future[str] = Future()
@@ -272,7 +290,8 @@ class Committer:
 
     def close(self) -> None:
         self._closing.set()
-        self._thread.join(30)
+        for thread in self._threads:
+            thread.join(30)
 
     def _run(self) -> None:
         while True:
