@@ -87,8 +87,14 @@ def _seed(url: str, rows: int) -> None:
         conn.execute("VACUUM ANALYZE orders")
 
 
-def run(rows: int, concurrency: int) -> dict[str, Any]:
+def run(rows: int, concurrency: int, preload: int = 0) -> dict[str, Any]:
     with scratch_database("orderflow_bench_dispatch") as url:
+        if preload:  # finished orders with their history and outbox rows, for the flat-cost run
+            from bench.reports import seed
+
+            seed(url, preload)
+        with connect(url) as conn:
+            mark = conn.execute(QUERIES["bench_max_outbox_id"]).fetchone()["id"]  # type: ignore[index]
         _seed(url, rows)
         proc = subprocess.Popen(
             [sys.executable, "-c",
@@ -103,7 +109,7 @@ def run(rows: int, concurrency: int) -> dict[str, Any]:
                 deadline = time.monotonic() + 600
                 while True:
                     done: dict[str, Any] | None = conn.execute(
-                        QUERIES["bench_dispatch_span"]
+                        QUERIES["bench_dispatch_span"], {"after_id": mark}
                     ).fetchone()
                     assert done is not None
                     if int(done["rows"]) >= 2 * rows:
@@ -128,6 +134,7 @@ def run(rows: int, concurrency: int) -> dict[str, Any]:
             "other_cpu_ms_per_row": round((machine_cpu - worker_cpu) * 1000 / finished, 3),
         }
     return {
+        "preloaded_orders": preload,
         **cpu,
         "rows": int(done["rows"]),
         "concurrency": concurrency,
@@ -137,8 +144,8 @@ def run(rows: int, concurrency: int) -> dict[str, Any]:
     }
 
 
-def main(rows: int, concurrency: int) -> int:
-    result = run(rows, concurrency)
+def main(rows: int, concurrency: int, preload: int = 0) -> int:
+    result = run(rows, concurrency, preload)
     print(
         f"one worker x {concurrency} drained {result['rows']} rows ({rows} ship_order +"
         f" {rows} send_confirmation, no-op providers) in {result['seconds']} s:"

@@ -119,8 +119,14 @@ def pgbench_tps(url: str, seconds: int = 15, clients: int = 8) -> float:
     raise RuntimeError("pgbench printed no tps")
 
 
-def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str, Any]:
+def run(
+    orders: int, workers: int, concurrency: int, pgbench_s: int, preload: int = 0
+) -> dict[str, Any]:
     with scratch_database("orderflow_bench_saga") as url:
+        if preload:  # finished orders with their history and outbox rows, for the flat-cost run
+            from bench.reports import seed
+
+            seed(url, preload)
         users = [uuid.uuid4() for _ in range(8)]
         per_user = orders // len(users)
         latency_orders = max(200, orders // 10) // len(users)
@@ -184,6 +190,7 @@ def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str
             sandbox.wait(10)
         tps = pgbench_tps(url, seconds=pgbench_s)
     result = {
+        "preloaded_orders": preload,
         "orders": total,
         "workers": workers,
         "sagas_per_s": round(sagas_per_s, 1),
@@ -204,6 +211,6 @@ def run(orders: int, workers: int, concurrency: int, pgbench_s: int) -> dict[str
     return result
 
 
-def main(orders: int, workers: int, concurrency: int, pgbench_s: int) -> int:
-    emit(run(orders, workers, concurrency, pgbench_s))
+def main(orders: int, workers: int, concurrency: int, pgbench_s: int, preload: int = 0) -> int:
+    emit(run(orders, workers, concurrency, pgbench_s, preload))
     return 0

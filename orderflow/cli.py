@@ -232,16 +232,21 @@ def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+PRELOAD_HELP = "first load this many finished orders with their history (flat-cost runs)"
+
+
 def cmd_bench_dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from bench.dispatch import main as bench_dispatch
 
-    return bench_dispatch(args.rows, args.concurrency)
+    return bench_dispatch(args.rows, args.concurrency, args.preload)
 
 
 def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
     from bench.saga import main as bench_saga
 
-    return bench_saga(args.orders, args.workers, args.concurrency, args.pgbench_seconds)
+    return bench_saga(
+        args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload
+    )
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -374,11 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16, help="calls in flight per worker")
     p.add_argument("--pgbench-seconds", type=int, default=15)
+    p.add_argument("--preload", type=int, default=0, help=PRELOAD_HELP)
     p.set_defaults(func=cmd_bench_saga)
     p = bench_sub.add_parser(
         "dispatch", help="ready outbox rows drained by one worker, no-op steps"
     )
     p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--preload", type=int, default=0, help=PRELOAD_HELP)
     p.add_argument("--concurrency", type=int, default=64)
     p.set_defaults(func=cmd_bench_dispatch)
     p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
