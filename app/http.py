@@ -102,10 +102,41 @@ async def read_json(request: Request) -> Any:
             raise ApiError(
                 413, "payload_too_large", f"the body must not exceed {MAX_BODY_BYTES} bytes"
             )
+    if _nested_too_deep(body):
+        raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from exc
+
+
+MAX_JSON_DEPTH = 32  # our bodies nest 3 deep
+
+
+def _nested_too_deep(body: bytes | bytearray) -> bool:
+    """Refuse deep nesting before json.loads sees it: a RecursionError inside the
+    C decoder leaves CPython 3.11's recursion bookkeeping off for the thread
+    (later ast.parse calls fail with SystemError), so it must never happen."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return False  # the common case: a C-speed count and done
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
 
 
 _PRINTABLE_ASCII = re.compile(r"[!-~]+")  # no spaces, controls or bytes past ASCII
