@@ -6,6 +6,7 @@ that restarting it disturbs nothing else, whatever TEST_DATABASE_URL says.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -100,6 +101,17 @@ class BackendTerminator:
                 self.killed += bool(row and row[0])
 
 
+@pytest.fixture()
+def reap() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes a test started: killed at teardown if a failure left them running."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def _api(url: str, api_settings: Any) -> Any:
     app = create_app(api_settings, database_url=url)
     # A request whose connection died mid-transaction cannot unlock its key
@@ -140,11 +152,12 @@ def _post_order(http: httpx.Client, tok: str) -> tuple[str, list[int]]:
 
 
 def test_postgres_restart_mid_flow(
-    private_server: PrivateServer, sandbox: Any, api_settings: Any, tmp_path: Path
+    private_server: PrivateServer, sandbox: Any, api_settings: Any, tmp_path: Path, reap: Any
 ) -> None:
     url = private_server.url
     sandbox.faults({"endpoint": "*", "mode": "latency", "latency_ms": 30})
     workers = [start_worker(url, sandbox, tmp_path, "--concurrency", "4") for _ in range(2)]
+    reap.extend(workers)
     tok = token(uuid.uuid4())
     with _api(url, api_settings) as api, httpx.Client(base_url=api, timeout=30) as http:
         ids = [_post_order(http, tok)[0] for _ in range(20)]
@@ -199,7 +212,7 @@ def test_postgres_restart_mid_flow(
 
 
 def test_commit_acknowledgements_lost(
-    private_server: PrivateServer, sandbox: Any, api_settings: Any, tmp_path: Path
+    private_server: PrivateServer, sandbox: Any, api_settings: Any, tmp_path: Path, reap: Any
 ) -> None:
     with (
         CommitAckDropper(private_server.socket, drop_rate=0.3) as api_proxy,
@@ -209,6 +222,7 @@ def test_commit_acknowledgements_lost(
             start_worker(worker_proxy.url(), sandbox, tmp_path, "--concurrency", "4")
             for _ in range(2)
         ]
+        reap.extend(workers)
         orders: dict[str, list[int]] = {}
         with (
             _api(api_proxy.url(), api_settings) as api,
