@@ -66,11 +66,7 @@ def worker_main(url: str, concurrency: int) -> None:
 
 def _seed(url: str, rows: int) -> None:
     with connect(url) as conn:
-        conn.execute("UPDATE products SET available = available + %s WHERE sku = 'NOTE-A5'",
-                     (rows,))  # fmt: skip
-        conn.execute(
-            "INSERT INTO stock_ledger (sku, kind, delta) VALUES ('NOTE-A5', 'adjust', %s)", (rows,)
-        )
+        conn.execute(QUERIES["bench_restock"], {"extra": rows})
         for i in range(rows):
             create_order(
                 conn,

@@ -200,12 +200,35 @@ class StaleLease(Exception):
 def _finish_row(
     conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, note: str | None = None
 ) -> None:
-    done = conn.execute(
-        QUERIES["finish_outbox_row"],
-        {"id": row.id, "owner": config.owner, "fence": row.fence, "note": note},
-    ).fetchone()
-    if done is None:
+    if len(_finish_rows(conn, [(row, note)], config)) != 1:
         raise StaleLease(row.id)
+
+
+def _finish_rows(
+    conn: psycopg.Connection[Any],
+    rows: Sequence[tuple[ClaimedRow, str | None]],
+    config: WorkerConfig,
+) -> list[Any]:
+    """Mark rows done (with a note each) where our lease holds; returns those it marked."""
+    return conn.execute(
+        QUERIES["finish_outbox_rows"],
+        {
+            "owner": config.owner,
+            "rows": Jsonb([{"id": r.id, "fence": r.fence, "note": note} for r, note in rows]),
+        },
+    ).fetchall()
+
+
+def _shipment(row: ClaimedRow, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The shipments row a ship_order or create_return_label success records."""
+    return {
+        "order_id": row.order_id,
+        "kind": "outbound" if row.step == "ship_order" else "return",
+        "carrier_ref": facts["shipment_id"],
+        "tracking_number": facts.get("tracking_number"),
+        "label_url": facts.get("label_url"),
+        "idempotency_key": row.idempotency_key,
+    }
 
 
 def _commit_success(
@@ -243,17 +266,7 @@ def _record_success(
     elif row.step in ("refund_payment", "refund_return"):
         _payment(conn, row, ctx, "refund", "succeeded", facts["refund_id"], facts)
     elif row.step in ("ship_order", "create_return_label"):
-        conn.execute(
-            QUERIES["insert_shipment"],
-            {
-                "order_id": row.order_id,
-                "kind": "outbound" if row.step == "ship_order" else "return",
-                "carrier_ref": facts["shipment_id"],
-                "tracking_number": facts.get("tracking_number"),
-                "label_url": facts.get("label_url"),
-                "idempotency_key": row.idempotency_key,
-            },
-        )
+        conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb([_shipment(row, facts)])})
     elif row.step == "cancel_shipment":
         conn.execute(QUERIES["cancel_shipment_row"], {"order_id": row.order_id})
     elif row.step == "release_inventory":
@@ -450,31 +463,10 @@ def _commit_batch(
     conn: psycopg.Connection[Any], items: Sequence[Success], config: WorkerConfig
 ) -> None:
     with conn.transaction():
-        finished = conn.execute(
-            QUERIES["finish_outbox_rows"],
-            {
-                "owner": config.owner,
-                "rows": Jsonb(
-                    [
-                        {"id": i.row.id, "fence": i.row.fence, "note": i.outcome.facts.get("note")}
-                        for i in items
-                    ]
-                ),
-            },
-        ).fetchall()
+        finished = _finish_rows(conn, [(i.row, i.outcome.facts.get("note")) for i in items], config)
         if len(finished) != len(items):
             raise BatchNotApplied("a lease was lost")
-        shipments = [
-            {
-                "order_id": i.row.order_id,
-                "carrier_ref": i.outcome.facts["shipment_id"],
-                "tracking_number": i.outcome.facts.get("tracking_number"),
-                "label_url": i.outcome.facts.get("label_url"),
-                "idempotency_key": i.row.idempotency_key,
-            }
-            for i in items
-            if i.row.step == "ship_order"
-        ]
+        shipments = [_shipment(i.row, i.outcome.facts) for i in items if i.row.step == "ship_order"]
         if shipments:
             conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb(shipments)})
         for item in items:

@@ -3,7 +3,7 @@
 Each statement sits under a header line `-- name --` followed by a one-line
 `-- description`, as in procrastinate.  Code calls statements by name:
 
-    conn.execute(QUERIES["lock_order"], {"order_id": ...})
+    conn.execute(QUERIES["lock_orders"], {"order_ids": [...]})
 """
 
 from __future__ import annotations

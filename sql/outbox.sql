@@ -41,14 +41,6 @@ SELECT c.*,
   LEFT JOIN shipments shp ON shp.order_id = c.order_id AND shp.kind = 'outbound'
  ORDER BY c.id;
 
--- finish_outbox_row --
--- Mark a claimed row done, only if our lease still holds (owner and fence)
-UPDATE outbox
-   SET status = 'done', done_at = now(), lease_owner = NULL, lease_until = NULL,
-       last_error = %(note)s
- WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
-RETURNING id;
-
 -- retry_outbox_row --
 -- Put a claimed row back to pending after a transient failure, due after the backoff
 UPDATE outbox
@@ -133,14 +125,6 @@ VALUES (%(order_id)s, %(kind)s, %(status)s, %(provider_ref)s, %(amount_cents)s, 
 ON CONFLICT (order_id, kind) WHERE status = 'succeeded' DO NOTHING
 RETURNING id;
 
--- insert_shipment --
--- Record an outbound shipment or a return label
-INSERT INTO shipments (order_id, kind, carrier_ref, tracking_number, label_url, idempotency_key)
-VALUES (%(order_id)s, %(kind)s, %(carrier_ref)s, %(tracking_number)s, %(label_url)s,
-        %(idempotency_key)s)
-ON CONFLICT (order_id, kind) DO NOTHING
-RETURNING id;
-
 -- cancel_shipment_row --
 -- Record that the outbound shipment was cancelled
 UPDATE shipments
@@ -161,7 +145,7 @@ LISTEN orderflow_outbox;
 SELECT count(*) AS n FROM outbox WHERE status IN ('pending', 'in_flight');
 
 -- finish_outbox_rows --
--- Mark a batch of claimed rows done, each only if our lease on it still holds (owner and fence)
+-- Mark claimed rows done, each only if our lease on it still holds (owner and fence)
 UPDATE outbox o
    SET status = 'done', done_at = now(), lease_owner = NULL, lease_until = NULL,
        last_error = f.note
@@ -171,10 +155,10 @@ UPDATE outbox o
 RETURNING o.id;
 
 -- insert_shipments --
--- Record a batch of outbound shipments (one per order; a replay inserts nothing)
+-- Record outbound shipments or return labels, one per order and kind (a replay inserts nothing)
 INSERT INTO shipments (order_id, kind, carrier_ref, tracking_number, label_url, idempotency_key)
-SELECT s.order_id, 'outbound', s.carrier_ref, s.tracking_number, s.label_url, s.idempotency_key
+SELECT s.order_id, s.kind, s.carrier_ref, s.tracking_number, s.label_url, s.idempotency_key
   FROM jsonb_to_recordset(%(shipments)s)
-       AS s(order_id text, carrier_ref text, tracking_number text, label_url text,
+       AS s(order_id text, kind text, carrier_ref text, tracking_number text, label_url text,
             idempotency_key text)
 ON CONFLICT (order_id, kind) DO NOTHING;

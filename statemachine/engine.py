@@ -32,37 +32,16 @@ def advance(
 
     Raises OrderNotFound, IllegalTransition, InvalidEventDetail or StaleState.
     """
-    detail = dict(detail or {})
-    with atomic(conn), conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(QUERIES["lock_order"], {"order_id": order_id}).fetchone()
-        if row is None:
-            raise OrderNotFound(order_id)
-        outcome = _decide_locked(row, event, detail)
-        result = cur.execute(
-            QUERIES["transition_order"],
-            {
-                "order_id": order_id,
-                "from_state": outcome.source.value,
-                "to_state": outcome.dest.value,
-                "event": event,
-                "detail": Jsonb(detail),
-                "steps": list(outcome.emits),
-            },
-        ).fetchone()
-        if result is None or result["moved"] != 1:
-            # Cannot happen while we hold the row lock, but the guard is the
-            # database's word, not ours: never write on a stale read.
-            raise StaleState(order_id, outcome.source.value)
-        failpoints.hit("advance.after_write")
+    [outcome] = advance_many(conn, [(order_id, event, dict(detail or {}))])
     return outcome
 
 
 def advance_many(
     conn: psycopg.Connection[Any], moves: Sequence[tuple[str, str, Mapping[str, Any]]]
 ) -> list[Outcome]:
-    """`advance` for a batch of (order id, event, detail), one order at most once:
-    one statement locks them all, one moves them all.  All or nothing: any
-    order that cannot move raises (as `advance` would) and nothing is written."""
+    """`advance` for a batch of (order id, event, detail), one order at most once
+    (`advance` is a batch of one): one statement locks them all, one moves them
+    all.  All or nothing: any order that cannot move raises and nothing is written."""
     order_ids = [order_id for order_id, _, _ in moves]
     if len(set(order_ids)) != len(order_ids):
         raise ValueError("advance_many: an order appears twice in one batch")
@@ -89,7 +68,9 @@ def advance_many(
         ]
         result = cur.execute(QUERIES["transition_orders"], {"moves": Jsonb(payload)}).fetchone()
         if result is None or result["moved"] != len(moves):
-            raise StaleState(",".join(order_ids), "(batch)")
+            # Cannot happen while we hold the row locks, but the guard is the
+            # database's word, not ours: never write on a stale read.
+            raise StaleState(",".join(order_ids), ",".join(o.source.value for o in outcomes))
         failpoints.hit("advance.after_write")
     return outcomes
 

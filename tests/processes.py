@@ -17,7 +17,7 @@ import psycopg
 from orderflow import PROJECT_ROOT
 from orderflow.orders import LineRequest, create_order
 from tests.helpers import ADDRESS
-from tests.sandbox_client import SETTLED, states
+from tests.sandbox_client import SETTLED, check_invariants, states
 
 DECLINED_CARD = "pm_card_chargeDeclined"
 
@@ -111,3 +111,24 @@ def one_of_each(effects: list[dict[str, Any]], ids: list[str], conn: Any) -> Non
         else:
             assert final[order_id] == "cancelled", (order_id, final[order_id])
             assert per_order[(order_id, "charge")] == per_order[(order_id, "refund")]
+
+
+def settle_and_check(
+    conn: psycopg.Connection[Any],
+    ids: list[str],
+    workers: list[subprocess.Popen[bytes]],
+    sandbox: Any,
+    timeout_s: float,
+) -> list[dict[str, Any]]:
+    """Wait until every order settled and stop the workers (each must drain and exit
+    0); then each provider effect happened once and the doctor is clean.  Returns
+    the sandbox's effects."""
+    try:
+        wait_settled(conn, ids, timeout_s)
+    finally:
+        codes = [stop(w) for w in workers]
+    assert codes == [0] * len(workers)
+    effects = sandbox.effects()
+    one_of_each(effects, ids, conn)
+    check_invariants(conn, effects)
+    return effects

@@ -28,8 +28,7 @@ from orderflow.embedded import _servers, embedded_url
 from orderflow.serving import free_port, serve
 from tests.api_helpers import auth, cart_body, order_headers, token
 from tests.chaos_proxy import CommitAckDropper
-from tests.processes import add_stock, one_of_each, start_worker, stop, wait_settled
-from tests.sandbox_client import check_invariants
+from tests.processes import add_stock, settle_and_check, start_worker
 from tests.secrets_scan import assert_no_secrets
 
 
@@ -192,14 +191,7 @@ def test_postgres_restart_mid_flow(
         more = [_post_order(http, tok) for _ in range(20)]
     ids += [order_id for order_id, _ in more]
     with connect(url) as conn:
-        try:
-            wait_settled(conn, ids, 60)
-        finally:
-            codes = [stop(w) for w in workers]
-        assert codes == [0, 0]
-        effects = sandbox.effects()
-        one_of_each(effects, ids, conn)
-        check_invariants(conn, effects)
+        settle_and_check(conn, ids, workers, sandbox, 60)
         assert Counter(r["state"] for r in conn.execute("SELECT state FROM orders")) == {
             "confirmed": 40
         }
@@ -233,14 +225,7 @@ def test_commit_acknowledgements_lost(
                 order_id, statuses = _post_order(http, token(uuid.uuid4()))
                 orders[order_id] = statuses
         with connect(private_server.url) as conn:
-            try:
-                wait_settled(conn, list(orders), 90)
-            finally:
-                codes = [stop(w) for w in workers]
-            assert codes == [0, 0]
-            effects = sandbox.effects()
-            one_of_each(effects, list(orders), conn)
-            check_invariants(conn, effects)
+            settle_and_check(conn, list(orders), workers, sandbox, 90)
             per_key = conn.execute(
                 "SELECT count(*) AS orders, count(DISTINCT idempotency_key) AS keys FROM orders"
             ).fetchone()

@@ -181,14 +181,20 @@ def test_guarded_update_refuses_a_stale_source_state(conn: psycopg.Connection[An
     order = place(conn)
     before = snapshot(conn, order.id)
     row = conn.execute(
-        QUERIES["transition_order"],
+        QUERIES["transition_orders"],
         {
-            "order_id": order.id,
-            "from_state": "paid",  # stale: the order is `reserved`
-            "to_state": "shipped",
-            "event": "shipment_created",
-            "detail": Jsonb({}),
-            "steps": ["send_confirmation"],
+            "moves": Jsonb(
+                [
+                    {
+                        "order_id": order.id,
+                        "from_state": "paid",  # stale: the order is `reserved`
+                        "to_state": "shipped",
+                        "event": "shipment_created",
+                        "detail": {},
+                        "steps": ["send_confirmation"],
+                    }
+                ]
+            )
         },
     ).fetchone()
     assert row is not None and row["moved"] == 0 and row["emitted"] == 0

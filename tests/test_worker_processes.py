@@ -8,7 +8,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.processes import one_of_each, place_many, start_worker, stop, wait_settled
+from tests.processes import (
+    one_of_each,
+    place_many,
+    settle_and_check,
+    start_worker,
+    stop,
+    wait_settled,
+)
 from tests.sandbox_client import check_invariants, states
 
 
@@ -45,14 +52,7 @@ def test_sigkill_mid_batch_then_restart(
 def test_two_workers_on_500_orders(db_url: str, conn: Any, sandbox: Any, tmp_path: Path) -> None:
     ids = place_many(conn, 500)
     workers = [start_worker(db_url, sandbox, tmp_path, "--concurrency", "8") for _ in range(2)]
-    try:
-        wait_settled(conn, ids, 180)
-    finally:
-        codes = [stop(w) for w in workers]
-    assert codes == [0, 0]
-    effects = sandbox.effects()
-    one_of_each(effects, ids, conn)
-    check_invariants(conn, effects)
+    settle_and_check(conn, ids, workers, sandbox, 180)
     final = Counter(states(conn).values())
     assert final == {"confirmed": 450, "cancelled": 50}
 
