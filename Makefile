@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The dashboard's browser assets, copied from pinned npm packages (never a CDN).
+ASSETS := dashboard/static/vendor/.copied-stamp
 
-.PHONY: demo test lint check clean
+.PHONY: demo test lint check clean dashboard
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "orderflow needs Python >= 3.11; set PYTHON=python3.11 or newer")'
@@ -16,10 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Without npm this warns and goes on: the dashboard then shows the diagram as text.
+$(ASSETS): dashboard/assets/package-lock.json | $(STAMP)
+	$(BIN)/python -m dashboard.vendor --optional
+	@if [ -z "$$($(BIN)/python -c 'from dashboard import vendor; print(*vendor.missing())')" ]; then touch $@; fi
+
 demo: $(STAMP)
 	$(BIN)/orderflow demo
 
-test: $(STAMP)
+test: $(STAMP) $(ASSETS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -30,4 +37,8 @@ lint: $(STAMP)
 check: lint test
 
 clean:
-	rm -rf $(VENV) .orderflow .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .orderflow .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts \
+		dashboard/assets/node_modules dashboard/static/vendor
+
+dashboard: $(STAMP) $(ASSETS)
+	$(BIN)/orderflow dashboard

@@ -91,6 +91,39 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from dashboard import vendor
+    from dashboard.web import access_from_env, create_dashboard
+    from orderflow import migrate
+    from orderflow.db import resolve_url
+
+    url = resolve_url(settings)
+    migrate.upgrade(url)
+    access, generated = access_from_env(args.host, args.port)
+    if generated:
+        # Off loopback with no ORDERFLOW_DASHBOARD_PASSWORD: a token for this run only.
+        print(f"orderflow dashboard: log in with this admin token: {generated}", flush=True)
+    elif not access.require_login:
+        print("orderflow dashboard: loopback only, no login", flush=True)
+    if vendor.missing():
+        print(
+            "orderflow dashboard: browser assets missing (run `python -m dashboard.vendor`);"
+            " the diagram shows as text and the funnel as a table",
+            file=sys.stderr,
+        )
+    print(f"orderflow dashboard on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(
+        create_dashboard(url, access),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0
+
+
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     import uuid
 
@@ -327,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-access-log", action="store_true")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("dashboard", help="serve the operations dashboard (read-mostly web UI)")
+    p.add_argument("--host", default="127.0.0.1", help="off loopback a login is required")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("token", help="mint a bearer token for local use")
     p.add_argument("--user", required=True, help="the user's UUID (the token's sub)")
     p.add_argument("--admin", action="store_true", help="add role=admin")

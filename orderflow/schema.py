@@ -130,6 +130,8 @@ orders = Table(
     UniqueConstraint("user_id", "idempotency_key"),
     Index("ix_orders_user_id_created_at", "user_id", text("created_at DESC")),
     Index(None, "state", "updated_at"),
+    # The dashboard finds an order by the key a storefront logged, without the user.
+    Index(None, "idempotency_key"),
 )
 
 order_lines = Table(

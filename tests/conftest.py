@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,39 @@ def worker(db_url: str, providers: Any) -> Iterator[Any]:
     w = Worker(db_url, providers, concurrency=4, lease_s=5, backoff_scale=0.01)
     yield w
     w.close()
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+@dataclass
+class Saga:
+    confirmed: list[str]
+    declined: str
+    attention: str
+    reserved: str
+    user_id: uuid.UUID
+    key: str
+    dead_id: int
+
+
+@pytest.fixture()
+def saga(conn: Any, worker: Any, sandbox: Any) -> Saga:
+    """Orders in several states, through the real worker and sandbox: three confirmed
+    (one user, keys k-0..k-2), one declined, one in needs_attention with a dead
+    letter (its e-mail failed for good), one still reserved."""
+    from tests.helpers import place
+    from tests.sandbox_client import drain, states
+
+    user = uuid.uuid4()
+    confirmed = [place(conn, user_id=user, key=f"k-{i}").id for i in range(3)]
+    declined = place(conn, payment_method="pm_card_chargeDeclined").id
+    drain(worker, conn)
+    sandbox.faults({"endpoint": "email", "mode": "error", "status": 500})
+    attention = place(conn).id
+    drain(worker, conn, timeout_s=60)
+    sandbox.faults()
+    reserved = place(conn).id  # no worker run after this one: it stays reserved
+    dead = conn.execute("SELECT id FROM outbox WHERE status = 'dead'").fetchone()
+    assert states(conn)[attention] == "needs_attention"
+    return Saga(confirmed, declined, attention, reserved, user, "k-1", dead["id"])

@@ -1,0 +1,1 @@
+"""`orderflow dashboard`: a read-mostly operations site over the reporting views."""

@@ -1,0 +1,117 @@
+"""What the dashboard shows, read from Postgres (no web framework here).
+
+Every figure comes from the `reporting` views or a named statement, so the
+page agrees with what an analyst gets from plain SQL.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from sql import QUERIES
+from statemachine.definition import OrderState
+from statemachine.graph import mermaid
+
+LIST_LIMIT = 50
+FUNNEL_DAYS = 14
+# A ULID: what order ids look like; anything else is tried as a key or a user id.
+_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+MAX_QUERY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Overview:
+    counts: dict[str, int]
+    oldest: dict[str, Any]
+    diagram: str
+    backlog: list[dict[str, Any]]
+    dead_letters: list[dict[str, Any]]
+    dead_total: int
+    needs_attention: list[dict[str, Any]]
+    stuck: list[dict[str, Any]]
+    funnel: list[dict[str, Any]]
+    funnel_as_of: Any
+
+    @property
+    def total_orders(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class OrderDetail:
+    order: dict[str, Any]
+    lines: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    outbox: list[dict[str, Any]]
+    payments: list[dict[str, Any]]
+    shipments: list[dict[str, Any]]
+    dead_ids: list[int] = field(default_factory=list)
+
+
+def overview(conn: psycopg.Connection[Any]) -> Overview:
+    states = conn.execute(QUERIES["report_order_states"]).fetchall()
+    counts = {row["state"]: int(row["orders"]) for row in states}
+    oldest = {row["state"]: row["oldest_age"] for row in states if row["orders"]}
+    backlog = conn.execute(QUERIES["report_outbox_backlog"]).fetchall()
+    funnel = conn.execute(QUERIES["dashboard_funnel"], {"days": FUNNEL_DAYS}).fetchall()
+    return Overview(
+        counts=counts,
+        oldest=oldest,
+        diagram=mermaid(counts),
+        backlog=backlog,
+        dead_letters=conn.execute(
+            QUERIES["dashboard_dead_letters"], {"limit": LIST_LIMIT}
+        ).fetchall(),
+        dead_total=sum(int(row["dead"]) for row in backlog),
+        needs_attention=conn.execute(
+            QUERIES["dashboard_needs_attention"], {"limit": LIST_LIMIT}
+        ).fetchall(),
+        stuck=conn.execute(QUERIES["dashboard_stuck_orders"], {"limit": LIST_LIMIT}).fetchall(),
+        funnel=list(reversed(funnel)),  # oldest day first, as a chart reads
+        funnel_as_of=funnel[0]["as_of"] if funnel else None,
+    )
+
+
+def find_orders(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
+    """Orders whose id, idempotency key or (for a UUID) user id equals `query`."""
+    query = query.strip()
+    if not query or len(query) > MAX_QUERY_LENGTH:
+        return []
+    user_id: uuid.UUID | None
+    try:
+        user_id = uuid.UUID(query)
+    except ValueError:
+        user_id = None
+    return conn.execute(
+        QUERIES["dashboard_find_orders"],
+        {"q": query, "user_id": user_id, "limit": LIST_LIMIT},
+    ).fetchall()
+
+
+def looks_like_order_id(query: str) -> bool:
+    return bool(_ULID.match(query.strip()))
+
+
+def order_detail(conn: psycopg.Connection[Any], order_id: str) -> OrderDetail | None:
+    order = conn.execute(QUERIES["dashboard_order"], {"order_id": order_id}).fetchone()
+    if order is None:
+        return None
+    params = {"order_id": order_id}
+    outbox = conn.execute(QUERIES["dashboard_order_outbox"], params).fetchall()
+    return OrderDetail(
+        order=order,
+        lines=conn.execute(QUERIES["dashboard_order_lines"], params).fetchall(),
+        history=conn.execute(QUERIES["order_history"], params).fetchall(),
+        outbox=outbox,
+        payments=conn.execute(QUERIES["dashboard_order_payments"], params).fetchall(),
+        shipments=conn.execute(QUERIES["dashboard_order_shipments"], params).fetchall(),
+        dead_ids=[row["id"] for row in outbox if row["status"] == "dead"],
+    )
+
+
+STATES: tuple[str, ...] = tuple(s.value for s in OrderState)

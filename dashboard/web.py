@@ -1,0 +1,441 @@
+"""The dashboard's HTTP side: Starlette routes that check access, call dashboard.data, render.
+
+Read-only except one action, re-driving a dead letter, which goes through
+outbox_worker.operations.redrive: the same function as `orderflow outbox retry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import psycopg
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from dashboard import data, vendor
+from dashboard.security import COOKIE, SESSION_TTL_S, Access, Session, csrf_ok
+from outbox_worker.operations import RedriveError, redrive
+
+HERE = Path(__file__).resolve().parent
+REFRESH_S = 5
+MAX_FORM_BYTES = 4096
+SECURITY_HEADERS = {
+    # Scripts only from this origin; mermaid writes inline styles into its SVG.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _age(value: timedelta | None) -> str:
+    if value is None:
+        return ""
+    seconds = max(0, int(value.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
+def _ts(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def _money(cents: int | None, currency: str = "") -> str:
+    if cents is None:
+        return ""
+    return f"{cents // 100:,}.{cents % 100:02d} {currency}".strip()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def _funnel_json(rows: list[dict[str, Any]]) -> Markup:
+    keys = ("day", "placed", "paid", "shipped", "confirmed", "cancelled")
+    text = json.dumps([{k: _plain(r[k]) for k in keys} for r in rows])
+    # Inside <script type="application/json">: no "</script>" may appear.
+    safe = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(safe)
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        age=_age,
+        ts=_ts,
+        money=_money,
+        funnel_json=_funnel_json,
+        compact_json=lambda v: json.dumps(v, separators=(", ", ": "), default=str),
+    )
+    return env
+
+
+def _local_path(value: str | None, default: str = "/") -> str:
+    """A redirect target only within this site (no scheme, no host, no //)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return default
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return default
+    return value
+
+
+def make_pool(url: str, size: int = 4) -> ConnectionPool:
+    return ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        timeout=3.0,
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "connect_timeout": 3,
+            "application_name": "orderflow-dashboard",
+            "options": "-c statement_timeout=5000 -c idle_in_transaction_session_timeout=30000",
+        },
+        open=False,
+        name="orderflow-dashboard",
+    )
+
+
+class Dashboard:
+    def __init__(self, url: str, access: Access, *, refresh_s: int = REFRESH_S) -> None:
+        self.pool = make_pool(url)
+        self.access = access
+        self.refresh_s = refresh_s
+        self.env = _environment()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _session(self, request: Request) -> Session | None:
+        return self.access.load(request.cookies.get(COOKIE))
+
+    def _render(
+        self,
+        request: Request,
+        template: str,
+        session: Session,
+        status: int = 200,
+        **context: Any,
+    ) -> Response:
+        html = self.env.get_template(template).render(
+            csrf=session.csrf,
+            show_logout=self.access.require_login and session.authenticated,
+            list_limit=data.LIST_LIMIT,
+            **context,
+        )
+        response = HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+        self._set_cookie(response, session)
+        return response
+
+    def _set_cookie(self, response: Response, session: Session) -> None:
+        response.set_cookie(
+            COOKIE,
+            self.access.sign(session),
+            max_age=SESSION_TTL_S,
+            httponly=True,
+            samesite="strict",
+            secure=self.access.secure_cookies,
+            path="/",
+        )
+
+    def _message(
+        self, request: Request, session: Session, status: int, heading: str, message: str
+    ) -> Response:
+        return self._render(
+            request,
+            "message.html",
+            session,
+            status=status,
+            heading=heading,
+            message=message,
+        )
+
+    def _gate(self, request: Request) -> tuple[Session, Response | None]:
+        """The visitor's session, or the response that turns them away."""
+        session = self._session(request)
+        if not self.access.host_ok(request.headers.get("host")):
+            return Session.new(), PlainTextResponse(
+                "unknown Host header: without a login this dashboard answers only on loopback",
+                status_code=400,
+            )
+        if not self.access.allowed(session):
+            fresh = session or Session.new()
+            if request.method == "GET" and request.url.path != "/overview/live":
+                target = "/login?next=" + quote(request.url.path + _query(request), safe="")
+                response: Response = RedirectResponse(target, status_code=303)
+            else:
+                response = PlainTextResponse("log in first", status_code=401)
+            self._set_cookie(response, fresh)
+            return fresh, response
+        return session or Session.new(authenticated=not self.access.require_login), None
+
+    def _same_origin(self, request: Request) -> bool:
+        """A POST's Origin (sent by every current browser) must be this very site."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True  # non-browser clients; the CSRF token still has to match
+        return urlsplit(origin).netloc == request.headers.get("host", "")
+
+    async def _form(self, request: Request) -> dict[str, str]:
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            return {}
+        parsed = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+        return {k: v[0] for k, v in parsed.items()}
+
+    async def _db(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        def run() -> Any:
+            with self.pool.connection() as conn:
+                return fn(conn)
+
+        return await run_in_threadpool(run)
+
+    # ------------------------------------------------------------ pages
+
+    async def overview(self, request: Request) -> Response:
+        session, turned_away = self._gate(request)
+        if turned_away:
+            return turned_away
+        ov = await self._db(data.overview)
+        flash = None
+        redriven = request.query_params.get("redriven", "")
+        if redriven.isdigit():
+            flash = f"Outbox row {redriven} re-driven: it is pending again."
+        return self._render(
+            request,
+            "overview.html",
+            session,
+            ov=ov,
+            states=data.STATES,
+            refresh_s=self.refresh_s,
+            vendor=not vendor.missing(),
+            now=datetime.now().astimezone(),
+            next_path="/",
+            flash=flash,
+        )
+
+    async def overview_live(self, request: Request) -> Response:
+        session, turned_away = self._gate(request)
+        if turned_away:
+            return turned_away
+        ov = await self._db(data.overview)
+        return self._render(
+            request, "_live.html", session, ov=ov, states=data.STATES, next_path="/"
+        )
+
+    async def search(self, request: Request) -> Response:
+        session, turned_away = self._gate(request)
+        if turned_away:
+            return turned_away
+        query = request.query_params.get("q", "").strip()
+        results = await self._db(lambda conn: data.find_orders(conn, query)) if query else []
+        if len(results) == 1 and results[0]["id"] == query:
+            return RedirectResponse(f"/orders/{quote(query, safe='')}", status_code=303)
+        return self._render(request, "search.html", session, query=query, results=results)
+
+    async def order(self, request: Request) -> Response:
+        session, turned_away = self._gate(request)
+        if turned_away:
+            return turned_away
+        order_id = request.path_params["order_id"]
+        detail = await self._db(lambda conn: data.order_detail(conn, order_id))
+        if detail is None:
+            return self._message(
+                request, session, 404, "No such order", f"There is no order {order_id}."
+            )
+        flash = None
+        redriven = request.query_params.get("redriven", "")
+        if redriven.isdigit():
+            flash = f"Outbox row {redriven} re-driven: it is pending again."
+        return self._render(
+            request,
+            "order.html",
+            session,
+            o=detail.order,
+            detail=detail,
+            next_path=f"/orders/{order_id}",
+            flash=flash,
+        )
+
+    # ------------------------------------------------------------ the one action
+
+    async def redrive(self, request: Request) -> Response:
+        session, turned_away = self._gate(request)
+        if turned_away:
+            return turned_away
+        form = await self._form(request)
+        if not self._same_origin(request) or not csrf_ok(self._session(request), form.get("csrf")):
+            return self._message(
+                request,
+                session,
+                403,
+                "Refused",
+                "The form's security token is missing or stale: reload the page and try again.",
+            )
+        outbox_id = request.path_params["outbox_id"]
+        try:
+            await self._db(lambda conn: redrive(conn, outbox_id))
+        except RedriveError as exc:
+            return self._message(request, session, 409, "Not re-driven", str(exc))
+        target = _local_path(form.get("next"))
+        separator = "&" if "?" in target else "?"
+        return RedirectResponse(f"{target}{separator}redriven={outbox_id}", status_code=303)
+
+    # ------------------------------------------------------------ login
+
+    async def login_page(self, request: Request) -> Response:
+        session = self._session(request) or Session.new()
+        if not self.access.require_login:
+            return RedirectResponse("/", status_code=303)
+        return self._render(
+            request,
+            "login.html",
+            session,
+            next_path=_local_path(request.query_params.get("next")),
+        )
+
+    async def login(self, request: Request) -> Response:
+        session = self._session(request)
+        form = await self._form(request)
+        fresh = session or Session.new()
+        next_path = _local_path(form.get("next"))
+        if not self._same_origin(request) or not csrf_ok(session, form.get("csrf")):
+            return self._render(
+                request,
+                "login.html",
+                fresh,
+                status=403,
+                next_path=next_path,
+                error="The form expired: try again.",
+            )
+        if self.access.locked_out():
+            return self._render(
+                request,
+                "login.html",
+                fresh,
+                status=429,
+                next_path=next_path,
+                error="Too many failed attempts: wait a minute.",
+            )
+        if not self.access.password_ok(form.get("password", "")):
+            return self._render(
+                request,
+                "login.html",
+                fresh,
+                status=401,
+                next_path=next_path,
+                error="Wrong password or token.",
+            )
+        response = RedirectResponse(next_path, status_code=303)
+        self._set_cookie(response, Session.new(authenticated=True))  # a new token: no fixation
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        session = self._session(request)
+        form = await self._form(request)
+        if not csrf_ok(session, form.get("csrf")):
+            return PlainTextResponse("refused", status_code=403)
+        response = RedirectResponse("/login" if self.access.require_login else "/", 303)
+        self._set_cookie(response, Session.new())
+        return response
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await self._db(lambda conn: conn.execute("SELECT 1"))
+        except (psycopg.Error, PoolTimeout):
+            return PlainTextResponse("database unavailable", status_code=503)
+        return PlainTextResponse("ok")
+
+    async def database_down(self, request: Request, exc: Exception) -> Response:
+        return self._message(
+            request,
+            self._session(request) or Session.new(),
+            503,
+            "Database unavailable",
+            "PostgreSQL did not answer; this page will work again when it does. "
+            f"({type(exc).__name__})",
+        )
+
+
+def _query(request: Request) -> str:
+    return f"?{request.url.query}" if request.url.query else ""
+
+
+def create_dashboard(url: str, access: Access, *, refresh_s: int = REFRESH_S) -> Starlette:
+    dash = Dashboard(url, access, refresh_s=refresh_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        dash.pool.open(wait=False)
+        try:
+            yield
+        finally:
+            dash.pool.close()
+
+    routes = [
+        Route("/", dash.overview, methods=["GET"]),
+        Route("/overview/live", dash.overview_live, methods=["GET"]),
+        Route("/orders", dash.search, methods=["GET"]),
+        Route("/orders/{order_id:str}", dash.order, methods=["GET"]),
+        Route("/outbox/{outbox_id:int}/redrive", dash.redrive, methods=["POST"]),
+        Route("/login", dash.login_page, methods=["GET"]),
+        Route("/login", dash.login, methods=["POST"]),
+        Route("/logout", dash.logout, methods=["POST"]),
+        Route("/healthz", dash.healthz, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            psycopg.OperationalError: dash.database_down,
+            PoolTimeout: dash.database_down,
+        },
+    )
+    app.state.dashboard = dash
+    return app
+
+
+def access_from_env(host: str, port: int) -> tuple[Access, str | None]:
+    return Access.for_bind(
+        host,
+        port,
+        password=os.environ.get("ORDERFLOW_DASHBOARD_PASSWORD") or None,
+        secret=os.environ.get("ORDERFLOW_DASHBOARD_SECRET") or None,
+        secure_cookies=os.environ.get("ORDERFLOW_DASHBOARD_SECURE_COOKIES", "") == "1",
+    )
