@@ -5,7 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from orderflow.db import resolve_url, sqlalchemy_url
 from orderflow.schema import metadata
@@ -16,6 +16,11 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 target_metadata = metadata
 
+# Every process that starts (API, worker, dashboard, on several machines) runs the
+# migrations; this transaction-scoped lock makes them take turns, and the ones that
+# come after find the head already applied.  The number is arbitrary but fixed.
+MIGRATION_LOCK = 0x6F726465  # "orde"
+
 
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url") or sqlalchemy_url(resolve_url())
@@ -23,6 +28,7 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             context.run_migrations()
     engine.dispose()
 

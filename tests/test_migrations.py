@@ -35,6 +35,23 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
         assert conn.execute("SHOW jit").fetchone()["jit"] == "off"  # type: ignore[index]
 
 
+def test_processes_starting_together_migrate_one_at_a_time(empty_db_url: str) -> None:
+    """Several machines start at once, each running the migrations: none may fail."""
+    import subprocess
+    import sys
+
+    code = "import sys; from orderflow import migrate; migrate.upgrade(sys.argv[1])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, empty_db_url], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    failures = [p.communicate(timeout=120)[1] for p in procs if p.wait(timeout=120) != 0]
+    assert failures == []
+    assert _tables(empty_db_url) == set(metadata.tables)
+
+
 def test_single_head() -> None:
     script = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused/x"))
     assert len(script.get_heads()) == 1
