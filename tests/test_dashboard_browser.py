@@ -92,9 +92,11 @@ def test_overview_order_page_and_redrive_in_chromium(
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on(
         "console",
-        lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-        if msg.type in ("error", "warning")
-        else None,
+        lambda msg: (
+            problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type in ("error", "warning")
+            else None
+        ),
     )
 
     # Overview: the diagram is drawn as SVG, with the database's counts in its labels.
@@ -147,4 +149,3 @@ def test_overview_order_page_and_redrive_in_chromium(
 
     assert problems == [], problems
     page.close()
-
