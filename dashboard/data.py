@@ -54,33 +54,43 @@ class OrderDetail:
 
 
 def overview(conn: psycopg.Connection[Any]) -> Overview:
-    states = conn.execute(QUERIES["report_order_states"]).fetchall()
+    """Everything on the overview, read in one snapshot so its figures agree with each other."""
+    with conn.transaction():
+        conn.execute(QUERIES["dashboard_snapshot"])
+        states = conn.execute(QUERIES["report_order_states"]).fetchall()
+        backlog = conn.execute(QUERIES["report_outbox_backlog"]).fetchall()
+        funnel = conn.execute(QUERIES["dashboard_funnel"], {"days": FUNNEL_DAYS}).fetchall()
+        dead_letters = conn.execute(
+            QUERIES["dashboard_dead_letters"], {"limit": LIST_LIMIT}
+        ).fetchall()
+        needs_attention = conn.execute(
+            QUERIES["dashboard_needs_attention"], {"limit": LIST_LIMIT}
+        ).fetchall()
+        stuck = conn.execute(QUERIES["dashboard_stuck_orders"], {"limit": LIST_LIMIT}).fetchall()
     counts = {row["state"]: int(row["orders"]) for row in states}
-    oldest = {row["state"]: row["oldest_age"] for row in states if row["orders"]}
-    backlog = conn.execute(QUERIES["report_outbox_backlog"]).fetchall()
-    funnel = conn.execute(QUERIES["dashboard_funnel"], {"days": FUNNEL_DAYS}).fetchall()
     return Overview(
         counts=counts,
-        oldest=oldest,
+        oldest={row["state"]: row["oldest_age"] for row in states if row["orders"]},
         diagram=mermaid(counts),
         backlog=backlog,
-        dead_letters=conn.execute(
-            QUERIES["dashboard_dead_letters"], {"limit": LIST_LIMIT}
-        ).fetchall(),
+        dead_letters=dead_letters,
         dead_total=sum(int(row["dead"]) for row in backlog),
-        needs_attention=conn.execute(
-            QUERIES["dashboard_needs_attention"], {"limit": LIST_LIMIT}
-        ).fetchall(),
-        stuck=conn.execute(QUERIES["dashboard_stuck_orders"], {"limit": LIST_LIMIT}).fetchall(),
-        funnel=list(reversed(funnel)),  # oldest day first, as a chart reads
+        needs_attention=needs_attention,
+        stuck=stuck,
+        funnel=funnel,  # oldest day first, as a chart reads
         funnel_as_of=funnel[0]["as_of"] if funnel else None,
     )
+
+
+def valid_text(value: str) -> bool:
+    """What may reach Postgres as a search or an id: bounded, no NUL (text cannot hold one)."""
+    return 0 < len(value) <= MAX_QUERY_LENGTH and "\x00" not in value
 
 
 def find_orders(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any]]:
     """Orders whose id, idempotency key or (for a UUID) user id equals `query`."""
     query = query.strip()
-    if not query or len(query) > MAX_QUERY_LENGTH:
+    if not valid_text(query):
         return []
     user_id: uuid.UUID | None
     try:
@@ -98,6 +108,8 @@ def looks_like_order_id(query: str) -> bool:
 
 
 def order_detail(conn: psycopg.Connection[Any], order_id: str) -> OrderDetail | None:
+    if not valid_text(order_id):
+        return None
     order = conn.execute(QUERIES["dashboard_order"], {"order_id": order_id}).fetchone()
     if order is None:
         return None

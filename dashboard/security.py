@@ -14,7 +14,7 @@ import ipaddress
 import json
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,9 @@ COOKIE = "orderflow_dashboard"
 SESSION_TTL_S = 8 * 3600
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_FAILURE_WINDOW_S = 60.0
+TRACKED_CLIENTS = 10_000  # failure records kept (oldest client forgotten first)
+# Headers a reverse proxy adds: without a login the dashboard must be reached directly.
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 
 
 def is_loopback(host: str) -> bool:
@@ -56,7 +59,8 @@ class Access:
     # Host headers accepted without a login (loopback only: a DNS-rebinding
     # page on another origin cannot reach the dashboard through the browser).
     loopback_hosts: frozenset[str] = frozenset()
-    _failures: deque[float] = field(default_factory=deque)
+    # Failed logins per client address, in memory: each process counts its own.
+    _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
 
     @classmethod
     def for_bind(
@@ -123,28 +127,41 @@ class Access:
     def allowed(self, session: Session | None) -> bool:
         return not self.require_login or (session is not None and session.authenticated)
 
-    def host_ok(self, host_header: str | None) -> bool:
-        """Without a login only loopback Host headers are served; with one, any."""
-        return self.require_login or (host_header or "").lower() in self.loopback_hosts
+    def host_ok(self, host_header: str | None, headers: dict[str, str] | None = None) -> bool:
+        """Without a login only direct loopback requests are served; with one, any.
 
-    def password_ok(self, given: str) -> bool:
-        """Constant-time comparison, and at most a few failures a minute (per process)."""
-        now = time.monotonic()
-        while self._failures and now - self._failures[0] > LOGIN_FAILURE_WINDOW_S:
-            self._failures.popleft()
-        if len(self._failures) >= LOGIN_FAILURES_ALLOWED or self.password is None:
+        A loopback Host header shuts out DNS-rebinding pages; a proxy's headers
+        mean the request came from elsewhere, which needs a login.
+        """
+        if self.require_login:
+            return True
+        if headers and any(h in headers for h in PROXY_HEADERS):
+            return False
+        return (host_header or "").lower() in self.loopback_hosts
+
+    def password_ok(self, given: str, client: str) -> bool:
+        """Constant-time comparison; a client past its failure budget is refused outright."""
+        if self.locked_out(client) or self.password is None:
             return False
         ok = hmac.compare_digest(
             hashlib.sha256(given.encode()).digest(), hashlib.sha256(self.password.encode()).digest()
         )
         if not ok:
-            self._failures.append(now)
+            failures = self._failures.setdefault(client, deque())
+            self._failures.move_to_end(client)
+            failures.append(time.monotonic())
+            while len(self._failures) > TRACKED_CLIENTS:
+                self._failures.popitem(last=False)
         return ok
 
-    def locked_out(self) -> bool:
+    def locked_out(self, client: str) -> bool:
+        failures = self._failures.get(client)
+        if not failures:
+            return False
         now = time.monotonic()
-        recent = [t for t in self._failures if now - t <= LOGIN_FAILURE_WINDOW_S]
-        return len(recent) >= LOGIN_FAILURES_ALLOWED
+        while failures and now - failures[0] > LOGIN_FAILURE_WINDOW_S:
+            failures.popleft()
+        return len(failures) >= LOGIN_FAILURES_ALLOWED
 
 
 def csrf_ok(session: Session | None, submitted: str | None) -> bool:

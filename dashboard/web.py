@@ -188,9 +188,11 @@ class Dashboard:
     def _gate(self, request: Request) -> tuple[Session, Response | None]:
         """The visitor's session, or the response that turns them away."""
         session = self._session(request)
-        if not self.access.host_ok(request.headers.get("host")):
+        if not self.access.host_ok(request.headers.get("host"), dict(request.headers)):
             return Session.new(), PlainTextResponse(
-                "unknown Host header: without a login this dashboard answers only on loopback",
+                "without a login this dashboard answers only direct requests to a loopback"
+                " address; behind a proxy or on a network address set"
+                " ORDERFLOW_DASHBOARD_PASSWORD",
                 status_code=400,
             )
         if not self.access.allowed(session):
@@ -202,7 +204,9 @@ class Dashboard:
                 response = PlainTextResponse("log in first", status_code=401)
             self._set_cookie(response, fresh)
             return fresh, response
-        return session or Session.new(authenticated=not self.access.require_login), None
+        # Loopback sessions are never marked logged in: a cookie from a no-login dashboard
+        # must not open one that requires a login, even if the two share a secret.
+        return session or Session.new(), None
 
     def _same_origin(self, request: Request) -> bool:
         """A POST's Origin (sent by every current browser) must be this very site."""
@@ -212,11 +216,20 @@ class Dashboard:
         return urlsplit(origin).netloc == request.headers.get("host", "")
 
     async def _form(self, request: Request) -> dict[str, str]:
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
+        """The urlencoded form, read up to MAX_FORM_BYTES; anything else is an empty form."""
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
             return {}
-        parsed = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
-        return {k: v[0] for k, v in parsed.items()}
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return {}
+        try:
+            parsed = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+        except ValueError:  # too many fields
+            return {}
+        return {k: v[0] for k, v in parsed.items() if "\x00" not in v[0]}
 
     async def _db(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         def run() -> Any:
@@ -343,7 +356,8 @@ class Dashboard:
                 next_path=next_path,
                 error="The form expired: try again.",
             )
-        if self.access.locked_out():
+        client = request.client.host if request.client else "?"
+        if self.access.locked_out(client):
             return self._render(
                 request,
                 "login.html",
@@ -352,7 +366,7 @@ class Dashboard:
                 next_path=next_path,
                 error="Too many failed attempts: wait a minute.",
             )
-        if not self.access.password_ok(form.get("password", "")):
+        if not self.access.password_ok(form.get("password", ""), client):
             return self._render(
                 request,
                 "login.html",
@@ -380,6 +394,15 @@ class Dashboard:
         except (psycopg.Error, PoolTimeout):
             return PlainTextResponse("database unavailable", status_code=503)
         return PlainTextResponse("ok")
+
+    async def bad_value(self, request: Request, exc: Exception) -> Response:
+        return self._message(
+            request,
+            self._session(request) or Session.new(),
+            400,
+            "Not a valid value",
+            "Postgres refused a value in this request (for example a NUL character).",
+        )
 
     async def database_down(self, request: Request, exc: Exception) -> Response:
         return self._message(
@@ -423,6 +446,7 @@ def create_dashboard(url: str, access: Access, *, refresh_s: int = REFRESH_S) ->
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
+            psycopg.DataError: dash.bad_value,
             psycopg.OperationalError: dash.database_down,
             PoolTimeout: dash.database_down,
         },

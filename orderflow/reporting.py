@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import time
+import uuid
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -22,6 +23,8 @@ VIEWS: tuple[str, ...] = (
     "outbox_backlog",
     "compensations",
     "daily_sales",
+    "dead_letters",
+    "needs_attention",
 )
 
 
@@ -39,6 +42,8 @@ def plain(value: Any) -> Any:
         return float(value) if value % 1 else int(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
     return value
 
 

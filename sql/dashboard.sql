@@ -1,26 +1,19 @@
+-- dashboard_snapshot --
+-- First statement of the overview's transaction: one consistent, read-only snapshot for all its reads
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
 -- dashboard_dead_letters --
--- Dead outbox rows, oldest first, with their order's state (what an operator may re-drive)
-SELECT ob.id, ob.order_id, ob.step, ob.attempts, ob.last_error, ob.created_at,
-       now() - ob.created_at AS age, o.state AS order_state
-  FROM outbox ob
-  JOIN orders o ON o.id = ob.order_id
- WHERE ob.status = 'dead'
- ORDER BY ob.id
+-- The first rows of reporting.dead_letters (oldest first)
+SELECT outbox_id AS id, order_id, order_state, step, attempts, last_error, created_at,
+       since_written
+  FROM reporting.dead_letters
  LIMIT %(limit)s;
 
 -- dashboard_needs_attention --
--- Orders parked in needs_attention, longest waiting first, with the dead step that parked them
-SELECT o.id AS order_id, o.user_id, o.total_cents, o.currency, o.updated_at,
-       now() - o.updated_at AS in_state_for, d.id AS outbox_id, d.step, d.last_error
-  FROM orders o
-  LEFT JOIN LATERAL (
-        SELECT id, step, last_error
-          FROM outbox
-         WHERE order_id = o.id AND status = 'dead'
-         ORDER BY id DESC
-         LIMIT 1) d ON true
- WHERE o.state = 'needs_attention'
- ORDER BY o.updated_at
+-- The first rows of reporting.needs_attention (longest waiting first)
+SELECT order_id, user_id, total_cents, currency, updated_at, waiting_for AS in_state_for,
+       outbox_id, step, last_error
+  FROM reporting.needs_attention
  LIMIT %(limit)s;
 
 -- dashboard_stuck_orders --
@@ -31,11 +24,16 @@ SELECT order_id, state, updated_at, in_state_for, timeout_minutes, pending_step,
  LIMIT %(limit)s;
 
 -- dashboard_funnel --
--- The newest days of the funnel snapshot, with the time it was taken
-SELECT day, placed, paid, shipped, confirmed, cancelled, as_of
-  FROM reporting.funnel
- ORDER BY day DESC
- LIMIT %(days)s;
+-- The funnel snapshot's last n UTC days, days without orders included (as zeros), with the time it was taken
+SELECT d.day::date AS day,
+       COALESCE(f.placed, 0) AS placed, COALESCE(f.paid, 0) AS paid,
+       COALESCE(f.shipped, 0) AS shipped, COALESCE(f.confirmed, 0) AS confirmed,
+       COALESCE(f.cancelled, 0) AS cancelled,
+       (SELECT max(as_of) FROM reporting.funnel) AS as_of
+  FROM generate_series((now() AT TIME ZONE 'UTC')::date - (%(days)s - 1),
+                       (now() AT TIME ZONE 'UTC')::date, interval '1 day') AS d(day)
+  LEFT JOIN reporting.funnel f ON f.day = d.day::date
+ ORDER BY d.day;
 
 -- dashboard_find_orders --
 -- Orders matching an order id, an idempotency key or (when the query is a UUID) a user id, newest first

@@ -26,6 +26,14 @@ SELECT * FROM reporting.compensations;
 -- Orders, gross, refunds and net per day and currency
 SELECT * FROM reporting.daily_sales;
 
+-- report_dead_letters --
+-- Outbox rows that used up their attempts, with their order's state
+SELECT * FROM reporting.dead_letters;
+
+-- report_needs_attention --
+-- Orders parked in needs_attention with the dead row that parked them
+SELECT * FROM reporting.needs_attention;
+
 -- metrics_orders_by_state --
 -- Orders per state, for the metrics gauges
 SELECT state, orders FROM reporting.order_states;

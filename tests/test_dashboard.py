@@ -7,6 +7,7 @@ good (needs_attention, with a dead letter), one still reserved.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -99,7 +100,15 @@ def test_live_fragment_is_the_overview_without_the_page(client: TestClient, saga
 
 
 def test_assets_come_from_this_site_never_a_cdn(client: TestClient) -> None:
+    import shutil
+
+    from dashboard import vendor
+
+    if vendor.missing() and shutil.which("npm") is None:
+        pytest.skip("no npm here: the dashboard runs without its vendored assets")
+    assert vendor.missing() == [], "run `python -m dashboard.vendor`"
     page = client.get("/")
+    assert '<script src="/static/vendor/mermaid.min.js">' in page.text
     sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert sources and all(s.startswith(("/", "#", "data:")) for s in sources), sources
     assert "script-src 'self'" in page.headers["content-security-policy"]
@@ -224,14 +233,28 @@ def test_redrive_of_a_row_that_is_not_dead_is_refused(
     assert outbox_row(conn, live["id"])["status"] == "pending"
 
 
-def test_redirect_after_redrive_stays_on_this_site(client: TestClient, saga: Saga) -> None:
-    csrf = csrf_of(client.get("/").text)
-    done = client.post(
-        f"/outbox/{saga.dead_id}/redrive",
-        data={"csrf": csrf, "next": "//evil.example/x"},
-        follow_redirects=False,
-    )
-    assert done.headers["location"].startswith("/?redriven=")
+BAD_TARGETS = ("//evil.example/x", "https://evil.example/", "/\\evil.example", "\tjavascript:1", "")
+
+
+def test_redirect_after_redrive_stays_on_this_site(
+    client: TestClient, conn: Any, saga: Saga
+) -> None:
+    for target in BAD_TARGETS:
+        conn.execute("UPDATE outbox SET status = 'dead' WHERE id = %s", (saga.dead_id,))
+        csrf = csrf_of(client.get("/").text)
+        done = client.post(
+            f"/outbox/{saga.dead_id}/redrive",
+            data={"csrf": csrf, "next": target},
+            follow_redirects=False,
+        )
+        assert done.headers["location"] == f"/?redriven={saga.dead_id}", target
+
+
+def test_the_dashboard_redrives_with_the_cli_function() -> None:
+    import dashboard.web
+    from outbox_worker import operations
+
+    assert dashboard.web.redrive is operations.redrive  # one code path, not a copy
 
 
 def test_only_the_redrive_and_the_session_routes_accept_post(db_url: str) -> None:
@@ -365,3 +388,70 @@ def test_cli_off_loopback_prints_a_one_run_admin_token_and_requires_it(db_url: s
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_funnel_json_cannot_close_its_script_element() -> None:
+    from datetime import date
+
+    from dashboard.web import _funnel_json
+
+    row = {"day": date(2026, 1, 2), "placed": "</script><script>alert(1)</script>"}
+    row |= {"paid": 0, "shipped": 0, "confirmed": 0, "cancelled": 0}
+    text = str(_funnel_json([row]))
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text)[0]["placed"] == row["placed"]
+
+
+def test_hostile_requests_get_a_clear_4xx_never_a_500(client: TestClient, saga: Saga) -> None:
+    assert client.get("/orders/%00").status_code == 404
+    assert client.get("/orders", params={"q": "a\x00b"}).status_code == 200
+    assert client.get("/orders", params={"q": "x" * 10_000}).status_code == 200
+    csrf = csrf_of(client.get("/").text)
+    many = {f"f{i}": "1" for i in range(20)} | {"csrf": csrf}
+    assert client.post(f"/outbox/{saga.dead_id}/redrive", data=many).status_code == 403
+    huge = {"csrf": csrf, "pad": "x" * 10_000}
+    assert client.post(f"/outbox/{saga.dead_id}/redrive", data=huge).status_code == 403
+    assert client.post("/logout", data={"csrf": "forged"}).status_code == 403
+    assert client.get("/outbox/abc/redrive").status_code in (404, 405)
+
+
+def test_behind_a_proxy_a_no_login_dashboard_refuses(client: TestClient) -> None:
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+        assert client.get("/", headers={header: "203.0.113.9"}).status_code == 400
+
+
+def test_a_no_login_session_does_not_open_a_dashboard_that_requires_login(db_url: str) -> None:
+    secret = "shared-secret-" * 3
+    loopback, _ = Access.for_bind("127.0.0.1", 8090, password=None, secret=secret)
+    guarded, _ = Access.for_bind("0.0.0.0", 8090, password="pw", secret=secret)
+    with TestClient(create_dashboard(db_url, loopback), base_url=BASE) as c:
+        c.get("/")
+        cookie = c.cookies[COOKIE]
+    with TestClient(create_dashboard(db_url, guarded), base_url="http://ops.example") as c:
+        c.cookies.set(COOKIE, cookie)
+        assert c.get("/", follow_redirects=False).status_code == 303
+
+
+def test_login_checks_origin_and_counts_failures_per_client(db_url: str) -> None:
+    access, _ = Access.for_bind("0.0.0.0", 8090, password="pw", secret=None)
+    with TestClient(create_dashboard(db_url, access), base_url="http://ops.example") as c:
+        csrf = csrf_of(c.get("/login").text)
+        cross = c.post(
+            "/login",
+            data={"csrf": csrf, "password": "pw"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert cross.status_code == 403
+        for target in BAD_TARGETS:
+            fresh = csrf_of(c.get("/login").text)
+            ok = c.post(
+                "/login",
+                data={"csrf": fresh, "password": "pw", "next": target},
+                follow_redirects=False,
+            )
+            assert ok.headers["location"] == "/", target
+    for _ in range(5):
+        assert not access.password_ok("wrong", "198.51.100.1")
+    assert access.locked_out("198.51.100.1")
+    assert not access.password_ok("pw", "198.51.100.1")  # locked even with the right one
+    assert access.password_ok("pw", "198.51.100.2")  # another client is not

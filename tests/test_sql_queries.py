@@ -52,7 +52,7 @@ def test_every_statement_prepares_on_the_schema(conn: psycopg.Connection[Any], n
     if verb == "VACUUM":  # cannot run in a transaction; harmless on a test database
         conn.execute(statement)  # type: ignore[call-overload]
         return
-    if verb in ("CREATE", "ANALYZE", "LISTEN", "REFRESH"):  # utility: run it, undo it
+    if verb in ("CREATE", "ANALYZE", "LISTEN", "REFRESH", "SET"):  # utility: run it, undo it
         with pytest.raises(_Undo), conn.transaction():
             conn.execute(statement)  # type: ignore[call-overload]
             raise _Undo

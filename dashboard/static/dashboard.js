@@ -42,8 +42,12 @@
     return drawDiagram();
   }
 
+  var lastGood = new Date();
+
+  // One refresh at a time: the next is scheduled only when this one has finished
+  // (an overlapping, slower answer must never overwrite a newer one).
   function refresh() {
-    if (document.hidden) return;
+    if (document.hidden) { schedule(); return; }
     var stamp = document.getElementById("updated");
     fetch("/overview/live", { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (response) {
@@ -56,17 +60,21 @@
         return draw();
       })
       .then(function () {
-        stamp.textContent = "as of " + new Date().toLocaleTimeString();
+        lastGood = new Date();
+        stamp.textContent = "as of " + lastGood.toLocaleTimeString();
         stamp.dataset.ok = "1";
         document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
       })
       .catch(function (err) {
-        stamp.textContent = "not updated since " + stamp.textContent.replace(/^.*?(\d)/, "$1") + " (" + err.message + ")";
+        stamp.textContent = "not updated since " + lastGood.toLocaleTimeString() + " (" + err.message + ")";
         stamp.dataset.ok = "0";
-      });
+      })
+      .then(schedule);
   }
+
+  function schedule() { window.setTimeout(refresh, refreshMs); }
 
   if (window.mermaid) window.mermaid.initialize({ startOnLoad: false, securityLevel: "strict" });
   draw().then(function () { document.body.dataset.drawn = "1"; });
-  if (document.getElementById("live")) window.setInterval(refresh, refreshMs);
+  if (document.getElementById("live")) schedule();
 })();
