@@ -312,6 +312,12 @@ def cmd_bench_reports(args: argparse.Namespace, settings: Settings) -> int:
     return main_reports(args.orders)
 
 
+def cmd_bench_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.dashboard import main as bench_dashboard
+
+    return bench_dashboard(args.orders, args.dead_letters, args.repeat)
+
+
 def cmd_bench_seed(args: argparse.Namespace, settings: Settings) -> int:
     from bench.reports import main_seed
     from orderflow import migrate
@@ -429,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
     p.add_argument("--orders", type=int, default=1_000_000)
     p.set_defaults(func=cmd_bench_reports)
+    p = bench_sub.add_parser("dashboard", help="time the dashboard's pages on synthetic history")
+    p.add_argument("--orders", type=int, default=1_000_000)
+    p.add_argument("--dead-letters", type=int, default=1_000)
+    p.add_argument("--repeat", type=int, default=20)
+    p.set_defaults(func=cmd_bench_dashboard)
     p = bench_sub.add_parser("seed", help="load synthetic orders into the configured database")
     p.add_argument("--orders", type=int, default=1_000_000)
     p.set_defaults(func=cmd_bench_seed)

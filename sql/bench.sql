@@ -177,3 +177,25 @@ SELECT count(*) AS rows,
        EXTRACT(EPOCH FROM max(done_at) - min(claimed_at)) AS seconds
   FROM outbox
  WHERE id > %(after_id)s AND step IN ('ship_order', 'send_confirmation') AND status = 'done';
+
+-- bench_seed_dead_letters --
+-- Park the n first synthetic confirmed orders in needs_attention, each with a dead send_confirmation row
+WITH picked AS (
+    SELECT id FROM orders WHERE state = 'confirmed' AND id LIKE 'S%%' ORDER BY id LIMIT %(n)s
+), parked AS (
+    UPDATE orders o SET state = 'needs_attention', updated_at = now()
+      FROM picked WHERE o.id = picked.id
+ RETURNING o.id
+)
+UPDATE outbox ob
+   SET status = 'dead', done_at = NULL, last_error = 'bench: HTTP 500 from the e-mail provider'
+  FROM parked
+ WHERE ob.order_id = parked.id AND ob.step = 'send_confirmation';
+
+-- bench_sample_order --
+-- One synthetic order in the middle of the history: what the dashboard bench searches for
+SELECT id, user_id, idempotency_key
+  FROM orders
+ WHERE id LIKE 'S%%'
+ ORDER BY id
+ LIMIT 1 OFFSET %(offset)s;
