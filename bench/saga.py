@@ -61,16 +61,22 @@ def _place_all(url: str, carts: dict[uuid.UUID, list[str]], rate: float | None =
     users = list(carts)
     interval = len(users) / rate if rate else 0.0
 
-    def run(user: uuid.UUID) -> None:
+    began = time.monotonic()
+
+    def run(user: uuid.UUID, offset: float) -> None:
         with connect(url) as conn:
-            next_at = time.monotonic()
+            # Staggered starts: the users' orders interleave evenly at `rate`, not in bursts.
+            next_at = began + offset
             for cart_id in carts[user]:
                 if interval:
                     next_at += interval
                     time.sleep(max(0.0, next_at - time.monotonic()))
                 _place(conn, user, cart_id, f"bench:{cart_id}")
 
-    threads = [threading.Thread(target=run, args=(u,)) for u in users]
+    threads = [
+        threading.Thread(target=run, args=(u, k * interval / len(users)))
+        for k, u in enumerate(users)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -182,7 +188,10 @@ def run(
             _wait_settled(url, timeout_s=600)
             with connect(url) as conn:
                 rows = conn.execute(QUERIES["bench_pickup_latencies"], {"after_id": mark})
-                pickups = [float(str(r["ms"])) for r in rows]
+                by_step: dict[str, list[float]] = {}
+                for r in rows:
+                    by_step.setdefault(str(r["step"]), []).append(float(str(r["ms"])))
+                pickups = [ms for step_ms in by_step.values() for ms in step_ms]
             worker_rss = [peak_rss_mb(proc.pid) for proc in procs]
         finally:
             for proc in procs:
@@ -192,6 +201,8 @@ def run(
             sandbox.terminate()
             sandbox.wait(10)
         tps = pgbench_tps(url, seconds=pgbench_s)
+    for step, step_ms in sorted(by_step.items()):
+        print(f"pickup {step:>18}: p50 {pct_ms(step_ms, 50)} ms, p99 {pct_ms(step_ms, 99)} ms")
     result = {
         "preloaded_orders": preload,
         "orders": total,

@@ -43,7 +43,7 @@ SELECT COALESCE(max(id), 0) AS id FROM outbox;
 
 -- bench_pickup_latencies --
 -- Outbox commit to first claim, in milliseconds, for rows after a mark
-SELECT EXTRACT(EPOCH FROM (claimed_at - created_at)) * 1000 AS ms
+SELECT step, EXTRACT(EPOCH FROM (claimed_at - created_at)) * 1000 AS ms
   FROM outbox
  WHERE id > %(after_id)s AND claimed_at IS NOT NULL;
 
