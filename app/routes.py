@@ -99,6 +99,7 @@ async def _idempotent(
                 work=lambda c: _success(status, produce(c)),
                 answer_error=_error_answer,
                 lock_timeout_s=ctx.idempotency_lock_timeout_s,
+                fresh_connection=ctx.connection,
             )
 
     result = await run_in_threadpool(call)

@@ -3,8 +3,10 @@
 Phase 1 (its own transaction) records the key with the request's hash and
 locks it, so a concurrent request with the same key sees it in flight.  Phase 2
 (one transaction) does the work and stores the answer with the key, unlocking
-it.  A failure before phase 2 commits unlocks the key, so the client can retry;
-a crash leaves a lock that expires after `lock_timeout_s`.
+it.  A failure before phase 2 commits unlocks the key, so the client can retry
+at once; when the failure took the connection with it, the unlock goes through
+a fresh one.  Only a crash of the process leaves a lock, which expires after
+`lock_timeout_s`.
 
 Keys are scoped per user: one user's key never answers another's request.
 """
@@ -15,6 +17,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -73,6 +76,7 @@ def run_idempotent(
     work: Callable[[psycopg.Connection[Any]], Answer],
     answer_error: Callable[[Exception], Answer | None],
     lock_timeout_s: float = 60.0,
+    fresh_connection: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None = None,
 ) -> IdempotentResult:
     """Run `work` at most once per (user, key) and return its stored answer.
 
@@ -100,7 +104,7 @@ def run_idempotent(
             with conn.transaction():  # the work left nothing; store only its answer
                 _finish(conn, key_id, locked_at, answer)
     except BaseException:
-        _unlock(conn, key_id, locked_at)
+        _unlock(conn, key_id, locked_at, fresh_connection)
         raise
     return IdempotentResult(answer.status, answer.body, replayed=False)
 
@@ -162,10 +166,24 @@ def _phase_one(
         return relocked["id"], relocked["locked_at"], None
 
 
-def _unlock(conn: psycopg.Connection[Any], key_id: int, locked_at: datetime) -> None:
+def _unlock(
+    conn: psycopg.Connection[Any],
+    key_id: int,
+    locked_at: datetime,
+    fresh_connection: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None,
+) -> None:
+    params = {"id": key_id, "locked_at": locked_at}
     try:
         with conn.transaction():
-            conn.execute(QUERIES["unlock_idempotency_key"], {"id": key_id, "locked_at": locked_at})
+            conn.execute(QUERIES["unlock_idempotency_key"], params)
+        return
     except psycopg.Error:
-        # The database is gone; the lock expires after lock_timeout_s instead.
+        pass  # this connection died with the request (a killed backend, a cut socket)
+    if fresh_connection is None:
+        return  # the lock expires after lock_timeout_s instead
+    try:
+        with fresh_connection() as other, other.transaction():
+            other.execute(QUERIES["unlock_idempotency_key"], params)
+    except Exception:
+        # The database is gone too (or no connection came): the lock expires instead.
         pass

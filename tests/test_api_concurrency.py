@@ -137,3 +137,39 @@ def test_same_key_while_the_first_is_in_flight_is_409(live_server: str, db_url: 
     third = httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
     assert third.status_code == 201 and third.content == first[0].content
     assert third.headers["idempotent-replayed"] == "true"
+
+
+def test_a_request_whose_connection_dies_frees_its_key_at_once(
+    live_server: str, db_url: str
+) -> None:
+    """Kill the first request's backend mid-transaction: the retry must not wait for the lock."""
+    tok = token()
+    cart_id = _cart(live_server, tok, [("MUG-01", 1)])
+    headers = order_headers(tok, "killed-key")
+    body = {"cart_id": cart_id, "payment_method_id": "pm_card_visa"}
+    first: list[httpx.Response] = []
+    with connect(db_url) as blocker, blocker.transaction():
+        blocker.execute("SELECT 1 FROM carts WHERE id = %s FOR UPDATE", (cart_id,))
+        thread = threading.Thread(
+            target=lambda: first.append(
+                httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
+            )
+        )
+        thread.start()
+        victim = None
+        for _ in range(500):
+            victim = _one(
+                db_url,
+                "SELECT COALESCE(max(pid), 0) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            if victim:
+                break
+            threading.Event().wait(0.01)
+        assert victim, "the first request never reached the cart lock"
+        _one(db_url, "SELECT pg_terminate_backend(%s)", victim)
+        thread.join(30)
+    assert first[0].status_code == 503  # its connection died: nothing was written
+    retry = httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
+    assert retry.status_code == 201, retry.text  # not 409 key-in-use for the lock's 60 s
+    assert _one(db_url, "SELECT count(*) FROM orders WHERE cart_id = %s", cart_id) == 1
