@@ -245,10 +245,6 @@ class Dashboard:
         if turned_away:
             return turned_away
         ov = await self._db(data.overview)
-        flash = None
-        redriven = request.query_params.get("redriven", "")
-        if redriven.isdigit():
-            flash = f"Outbox row {redriven} re-driven: it is pending again."
         return self._render(
             request,
             "overview.html",
@@ -259,7 +255,7 @@ class Dashboard:
             vendor=not vendor.missing(),
             now=datetime.now().astimezone(),
             next_path="/",
-            flash=flash,
+            flash=_redrive_flash(request),
         )
 
     async def overview_live(self, request: Request) -> Response:
@@ -291,10 +287,6 @@ class Dashboard:
             return self._message(
                 request, session, 404, "No such order", f"There is no order {order_id}."
             )
-        flash = None
-        redriven = request.query_params.get("redriven", "")
-        if redriven.isdigit():
-            flash = f"Outbox row {redriven} re-driven: it is pending again."
         return self._render(
             request,
             "order.html",
@@ -302,7 +294,7 @@ class Dashboard:
             o=detail.order,
             detail=detail,
             next_path=f"/orders/{order_id}",
-            flash=flash,
+            flash=_redrive_flash(request),
         )
 
     # ------------------------------------------------------------ the one action
@@ -413,6 +405,12 @@ class Dashboard:
             "PostgreSQL did not answer; this page will work again when it does. "
             f"({type(exc).__name__})",
         )
+
+
+def _redrive_flash(request: Request) -> str | None:
+    """The message after a re-drive's redirect (`?redriven=ID`), built only from digits."""
+    redriven = request.query_params.get("redriven", "")
+    return f"Outbox row {redriven} re-driven: it is pending again." if redriven.isdigit() else None
 
 
 def _query(request: Request) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +25,34 @@ def _cart(base: str, tok: str, lines: list[tuple[str, int]]) -> str:
     r = httpx.post(f"{base}/v1/carts", json=cart_body(lines), headers=auth(tok))
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
+
+
+@contextlib.contextmanager
+def _first_request_held_at_cart_lock(
+    live_server: str, db_url: str, body: dict[str, Any], headers: dict[str, str]
+) -> Iterator[tuple[int, list[httpx.Response], threading.Thread]]:
+    """POST the order while a blocker holds its cart: yield the waiting backend's pid."""
+    first: list[httpx.Response] = []
+    with connect(db_url) as blocker, blocker.transaction():
+        blocker.execute("SELECT 1 FROM carts WHERE id = %s FOR UPDATE", (body["cart_id"],))
+        thread = threading.Thread(
+            target=lambda: first.append(
+                httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
+            )
+        )
+        thread.start()
+        waiting = 0
+        for _ in range(500):
+            waiting = _one(
+                db_url,
+                "SELECT COALESCE(max(pid), 0) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            if waiting:
+                break
+            threading.Event().wait(0.01)
+        assert waiting, "the first request never reached the cart lock"
+        yield waiting, first, thread
 
 
 def test_fifty_concurrent_posts_with_one_key(live_server: str, db_url: str) -> None:
@@ -109,25 +139,7 @@ def test_same_key_while_the_first_is_in_flight_is_409(live_server: str, db_url: 
     cart_id = _cart(live_server, tok, [("MUG-01", 1)])
     headers = order_headers(tok, "slow-key")
     body = {"cart_id": cart_id, "payment_method_id": "pm_card_visa"}
-    first: list[httpx.Response] = []
-    with connect(db_url) as blocker, blocker.transaction():
-        blocker.execute("SELECT 1 FROM carts WHERE id = %s FOR UPDATE", (cart_id,))
-        thread = threading.Thread(
-            target=lambda: first.append(
-                httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
-            )
-        )
-        thread.start()
-        for _ in range(500):
-            waiting = _one(
-                db_url,
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND datname = current_database()",
-            )
-            if waiting:
-                break
-            threading.Event().wait(0.01)
-        assert waiting, "the first request never reached the cart lock"
+    with _first_request_held_at_cart_lock(live_server, db_url, body, headers) as (_, first, thread):
         second = httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
         assert second.status_code == 409
         assert second.json()["error"]["code"] == "idempotency_key_in_use"
@@ -147,26 +159,8 @@ def test_a_request_whose_connection_dies_frees_its_key_at_once(
     cart_id = _cart(live_server, tok, [("MUG-01", 1)])
     headers = order_headers(tok, "killed-key")
     body = {"cart_id": cart_id, "payment_method_id": "pm_card_visa"}
-    first: list[httpx.Response] = []
-    with connect(db_url) as blocker, blocker.transaction():
-        blocker.execute("SELECT 1 FROM carts WHERE id = %s FOR UPDATE", (cart_id,))
-        thread = threading.Thread(
-            target=lambda: first.append(
-                httpx.post(f"{live_server}/v1/orders", json=body, headers=headers, timeout=30)
-            )
-        )
-        thread.start()
-        victim = None
-        for _ in range(500):
-            victim = _one(
-                db_url,
-                "SELECT COALESCE(max(pid), 0) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND datname = current_database()",
-            )
-            if victim:
-                break
-            threading.Event().wait(0.01)
-        assert victim, "the first request never reached the cart lock"
+    with _first_request_held_at_cart_lock(live_server, db_url, body, headers) as held:
+        victim, first, thread = held
         _one(db_url, "SELECT pg_terminate_backend(%s)", victim)
         thread.join(30)
     assert first[0].status_code == 503  # its connection died: nothing was written
