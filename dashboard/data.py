@@ -6,9 +6,8 @@ page agrees with what an analyst gets from plain SQL.
 
 from __future__ import annotations
 
-import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -19,8 +18,6 @@ from statemachine.graph import mermaid
 
 LIST_LIMIT = 50
 FUNNEL_DAYS = 14
-# A ULID: what order ids look like; anything else is tried as a key or a user id.
-_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 MAX_QUERY_LENGTH = 255
 
 
@@ -50,7 +47,6 @@ class OrderDetail:
     outbox: list[dict[str, Any]]
     payments: list[dict[str, Any]]
     shipments: list[dict[str, Any]]
-    dead_ids: list[int] = field(default_factory=list)
 
 
 def overview(conn: psycopg.Connection[Any]) -> Overview:
@@ -103,10 +99,6 @@ def find_orders(conn: psycopg.Connection[Any], query: str) -> list[dict[str, Any
     ).fetchall()
 
 
-def looks_like_order_id(query: str) -> bool:
-    return bool(_ULID.match(query.strip()))
-
-
 def order_detail(conn: psycopg.Connection[Any], order_id: str) -> OrderDetail | None:
     if not valid_text(order_id):
         return None
@@ -114,15 +106,13 @@ def order_detail(conn: psycopg.Connection[Any], order_id: str) -> OrderDetail | 
     if order is None:
         return None
     params = {"order_id": order_id}
-    outbox = conn.execute(QUERIES["dashboard_order_outbox"], params).fetchall()
     return OrderDetail(
         order=order,
         lines=conn.execute(QUERIES["dashboard_order_lines"], params).fetchall(),
         history=conn.execute(QUERIES["order_history"], params).fetchall(),
-        outbox=outbox,
+        outbox=conn.execute(QUERIES["order_outbox"], params).fetchall(),
         payments=conn.execute(QUERIES["dashboard_order_payments"], params).fetchall(),
         shipments=conn.execute(QUERIES["dashboard_order_shipments"], params).fetchall(),
-        dead_ids=[row["id"] for row in outbox if row["status"] == "dead"],
     )
 
 

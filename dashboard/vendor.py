@@ -46,8 +46,6 @@ def build(npm: str = "npm") -> None:
 
 
 def main() -> int:
-    if "--if-missing" in sys.argv and not missing():
-        return 0
     try:
         build()
     except SystemExit as exc:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable
-from datetime import date, datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -29,9 +29,12 @@ from starlette.staticfiles import StaticFiles
 
 from dashboard import data, vendor
 from dashboard.security import COOKIE, SESSION_TTL_S, Access, Session, csrf_ok
+from orderflow.reporting import plain
 from outbox_worker.operations import RedriveError, redrive
 
 HERE = Path(__file__).resolve().parent
+# A handler behind the access gate: it gets the visitor's session with the request.
+GuardedPage = Callable[[Request, Session], Awaitable[Response]]
 REFRESH_S = 5
 MAX_FORM_BYTES = 4096
 SECURITY_HEADERS = {
@@ -73,15 +76,9 @@ def _money(cents: int | None, currency: str = "") -> str:
     return f"{cents // 100:,}.{cents % 100:02d} {currency}".strip()
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    return value
-
-
 def _funnel_json(rows: list[dict[str, Any]]) -> Markup:
     keys = ("day", "placed", "paid", "shipped", "confirmed", "cancelled")
-    text = json.dumps([{k: _plain(r[k]) for k in keys} for r in rows])
+    text = json.dumps([{k: plain(r[k]) for k in keys} for r in rows])
     # Inside <script type="application/json">: no "</script>" may appear.
     safe = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return Markup(safe)
@@ -208,6 +205,15 @@ class Dashboard:
         # must not open one that requires a login, even if the two share a secret.
         return session or Session.new(), None
 
+    def guarded(self, page: GuardedPage) -> Callable[[Request], Awaitable[Response]]:
+        """The route for a page or action: it runs only for visitors the gate lets in."""
+
+        async def endpoint(request: Request) -> Response:
+            session, turned_away = self._gate(request)
+            return turned_away or await page(request, session)
+
+        return endpoint
+
     def _same_origin(self, request: Request) -> bool:
         """A POST's Origin (sent by every current browser) must be this very site."""
         origin = request.headers.get("origin")
@@ -240,10 +246,7 @@ class Dashboard:
 
     # ------------------------------------------------------------ pages
 
-    async def overview(self, request: Request) -> Response:
-        session, turned_away = self._gate(request)
-        if turned_away:
-            return turned_away
+    async def overview(self, request: Request, session: Session) -> Response:
         ov = await self._db(data.overview)
         return self._render(
             request,
@@ -258,29 +261,20 @@ class Dashboard:
             flash=_redrive_flash(request),
         )
 
-    async def overview_live(self, request: Request) -> Response:
-        session, turned_away = self._gate(request)
-        if turned_away:
-            return turned_away
+    async def overview_live(self, request: Request, session: Session) -> Response:
         ov = await self._db(data.overview)
         return self._render(
             request, "_live.html", session, ov=ov, states=data.STATES, next_path="/"
         )
 
-    async def search(self, request: Request) -> Response:
-        session, turned_away = self._gate(request)
-        if turned_away:
-            return turned_away
+    async def search(self, request: Request, session: Session) -> Response:
         query = request.query_params.get("q", "").strip()
         results = await self._db(lambda conn: data.find_orders(conn, query)) if query else []
         if len(results) == 1 and results[0]["id"] == query:
             return RedirectResponse(f"/orders/{quote(query, safe='')}", status_code=303)
         return self._render(request, "search.html", session, query=query, results=results)
 
-    async def order(self, request: Request) -> Response:
-        session, turned_away = self._gate(request)
-        if turned_away:
-            return turned_away
+    async def order(self, request: Request, session: Session) -> Response:
         order_id = request.path_params["order_id"]
         detail = await self._db(lambda conn: data.order_detail(conn, order_id))
         if detail is None:
@@ -299,12 +293,9 @@ class Dashboard:
 
     # ------------------------------------------------------------ the one action
 
-    async def redrive(self, request: Request) -> Response:
-        session, turned_away = self._gate(request)
-        if turned_away:
-            return turned_away
+    async def redrive(self, request: Request, session: Session) -> Response:
         form = await self._form(request)
-        if not self._same_origin(request) or not csrf_ok(self._session(request), form.get("csrf")):
+        if not self._same_origin(request) or not csrf_ok(session, form.get("csrf")):
             return self._message(
                 request,
                 session,
@@ -429,11 +420,11 @@ def create_dashboard(url: str, access: Access, *, refresh_s: int = REFRESH_S) ->
             dash.pool.close()
 
     routes = [
-        Route("/", dash.overview, methods=["GET"]),
-        Route("/overview/live", dash.overview_live, methods=["GET"]),
-        Route("/orders", dash.search, methods=["GET"]),
-        Route("/orders/{order_id:str}", dash.order, methods=["GET"]),
-        Route("/outbox/{outbox_id:int}/redrive", dash.redrive, methods=["POST"]),
+        Route("/", dash.guarded(dash.overview), methods=["GET"]),
+        Route("/overview/live", dash.guarded(dash.overview_live), methods=["GET"]),
+        Route("/orders", dash.guarded(dash.search), methods=["GET"]),
+        Route("/orders/{order_id:str}", dash.guarded(dash.order), methods=["GET"]),
+        Route("/outbox/{outbox_id:int}/redrive", dash.guarded(dash.redrive), methods=["POST"]),
         Route("/login", dash.login_page, methods=["GET"]),
         Route("/login", dash.login, methods=["POST"]),
         Route("/logout", dash.logout, methods=["POST"]),

@@ -65,14 +65,6 @@ SELECT sku, qty, unit_price_cents
  WHERE order_id = %(order_id)s
  ORDER BY sku;
 
--- dashboard_order_outbox --
--- Every outbox row of one order, done ones included, in the order they were written
-SELECT id, step, status, attempts, available_at, lease_owner, lease_until, last_error,
-       idempotency_key, created_at, claimed_at, done_at
-  FROM outbox
- WHERE order_id = %(order_id)s
- ORDER BY id;
-
 -- dashboard_order_payments --
 -- One order's payment records (charges and refunds) with the provider's references
 SELECT kind, status, provider_ref, amount_cents, currency, idempotency_key, failure_code,

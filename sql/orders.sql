@@ -109,8 +109,9 @@ SELECT id, from_state, to_state, event, detail, at
  ORDER BY id;
 
 -- order_outbox --
--- One order's outbox rows, oldest first
-SELECT id, step, status, attempts, idempotency_key, last_error, created_at, done_at
+-- One order's outbox rows, done ones included, oldest first, with their schedule and lease
+SELECT id, step, status, attempts, available_at, lease_owner, lease_until, last_error,
+       idempotency_key, created_at, claimed_at, done_at
   FROM outbox
  WHERE order_id = %(order_id)s
  ORDER BY id;
