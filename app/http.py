@@ -92,16 +92,24 @@ async def read_json(request: Request) -> Any:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    return parse_json(await read_body(request, MAX_BODY_BYTES))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 past `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, "payload_too_large", f"the body must not exceed {MAX_BODY_BYTES} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"the body must not exceed {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(
-                413, "payload_too_large", f"the body must not exceed {MAX_BODY_BYTES} bytes"
-            )
+        if len(body) > limit:
+            raise ApiError(413, "payload_too_large", f"the body must not exceed {limit} bytes")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON from a body: 400 if malformed or nested too deep."""
     if _nested_too_deep(body):
         raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:

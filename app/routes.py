@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import stripe
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -22,8 +23,17 @@ from app import schemas
 from app.auth import Principal, authenticate
 from app.context import AppContext
 from app.errors import ApiError, dumps, to_api_error
-from app.http import Handler, idempotency_key, json_endpoint, json_response, read_json, render
-from orderflow import service
+from app.http import (
+    Handler,
+    idempotency_key,
+    json_endpoint,
+    json_response,
+    parse_json,
+    read_body,
+    read_json,
+    render,
+)
+from orderflow import service, webhooks
 from orderflow.idempotency import Answer, IdempotentResult, request_fingerprint, run_idempotent
 from orderflow.metrics import REGISTRY
 from statemachine.definition import OrderState
@@ -205,6 +215,36 @@ async def receive_return(request: Request) -> Response:
     _principal(request, admin=True)
     order_id = _path_id(request, "order_id")
     return render(200, await _db(request, service.receive_return, order_id=order_id))
+
+
+MAX_WEBHOOK_BYTES = 1024 * 1024
+WEBHOOK_TOLERANCE_S = 300  # Stripe's own default for the signature's timestamp
+
+
+async def stripe_webhook(request: Request) -> Response:
+    """Stripe's events: the signature verified with the SDK, then stored once and
+    applied in the transaction of the state change (orderflow.webhooks)."""
+    secret = _ctx(request).settings.stripe_webhook_secret
+    if not secret:
+        raise ApiError(404, "webhooks_not_configured", "set STRIPE_WEBHOOK_SECRET to enable")
+    body = await read_body(request, MAX_WEBHOOK_BYTES)
+    try:
+        stripe.WebhookSignature.verify_header(
+            body.decode("utf-8", "replace"),
+            request.headers.get("stripe-signature"),
+            secret,
+            WEBHOOK_TOLERANCE_S,
+        )
+    except stripe.SignatureVerificationError as exc:
+        raise ApiError(400, "invalid_signature", "the Stripe-Signature does not verify") from exc
+    event = parse_json(body)
+    if not isinstance(event, dict):
+        raise ApiError(400, "invalid_event", "the body is not a Stripe event")
+    try:
+        result = await _db(request, webhooks.receive, event=event)
+    except webhooks.BadEvent as exc:
+        raise ApiError(400, "invalid_event", str(exc)) from exc
+    return render(200, result)
 
 
 async def metrics(request: Request) -> Response:
@@ -404,6 +444,23 @@ OPERATIONS: tuple[Operation, ...] = (
             **AUTH_ERRORS,
         },
         tags=("admin",),
+    ),
+    Operation(
+        "POST",
+        "/v1/webhooks/stripe",
+        stripe_webhook,
+        "stripeWebhook",
+        "Stripe's webhook events (signed with STRIPE_WEBHOOK_SECRET; no bearer token)",
+        {
+            200: (schemas.WebhookAck, "Stored once and applied (or recorded as not applying)"),
+            400: (E, "A missing or bad Stripe-Signature, or a body that is not an event"),
+            404: (E, "Webhooks are not configured (no STRIPE_WEBHOOK_SECRET)"),
+            413: (E, "Body larger than 1 MiB"),
+            503: (E, "The database is unavailable; Stripe retries"),
+        },
+        body=schemas.StripeEvent,
+        auth=False,
+        tags=("webhooks",),
     ),
     Operation(
         "GET",

@@ -122,7 +122,16 @@ class PlacedOrder(BaseModel):
 
 class PaymentRef(BaseModel):
     payment_intent_id: str | None
-    status: str
+    status: str = Field(description="The PaymentIntent's last known Stripe status")
+    amount_cents: int | None = None
+    amount_received_cents: int | None = None
+    client_secret: str | None = Field(
+        None,
+        description="While the customer must act (3-D Secure): for Stripe.js handleNextAction",
+    )
+    next_action: dict[str, Any] | None = Field(
+        None, description="While the customer must act: Stripe's next_action"
+    )
 
 
 class RefundRef(BaseModel):
@@ -171,6 +180,22 @@ class OrderPage(BaseModel):
 class OrderStateChange(BaseModel):
     id: str
     state: OrderState
+
+
+class StripeEvent(BaseModel):
+    """A Stripe event as Stripe sends it; the Stripe-Signature covers the raw body."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(description="evt_...: each event is stored and applied once")
+    type: str
+    created: int | None = None
+    data: dict[str, Any] = Field(description="data.object: the PaymentIntent, refund or dispute")
+
+
+class WebhookAck(BaseModel):
+    id: str
+    outcome: str | None = None
+    duplicate: bool | None = None
 
 
 class Health(BaseModel):

@@ -23,33 +23,76 @@ from bench.common import cpu_seconds, emit, peak_rss_mb, scratch_database
 from orderflow import PROJECT_ROOT
 from orderflow.db import connect
 from orderflow.orders import LineRequest, create_order
-from outbox_worker.outcomes import StepOutcome
+from outbox_worker.providers import Ok, Reply
 from sql import QUERIES
 
 ADDRESS = {"name": "B", "line1": "1 Bench St", "city": "Berlin", "postal_code": "10115",
            "country": "DE"}  # fmt: skip
 
 
+class _NoopStripe:
+    def create_intent(self, params: Mapping[str, Any], key: str) -> Reply:
+        return Ok({"id": f"pi_{key}", "status": "requires_confirmation", "amount": 1})
+
+    def confirm_intent(self, intent_id: str, params: Mapping[str, Any], key: str) -> Reply:
+        return Ok({"id": intent_id, "status": "succeeded", "amount": 1, "amount_received": 1})
+
+    def retrieve_intent(self, intent_id: str) -> Reply:
+        return self.confirm_intent(intent_id, {}, "")
+
+    def cancel_intent(self, intent_id: str, key: str) -> Reply:
+        return Ok({"id": intent_id, "status": "canceled", "amount": 1})
+
+    def search_intents(self, order_id: str) -> Reply:
+        return Ok({"data": []})
+
+    def list_intents(self, created_gte: int, starting_after: str | None = None) -> Reply:
+        return Ok({"data": [], "has_more": False})
+
+    def create_refund(self, params: Mapping[str, Any], key: str) -> Reply:
+        return Ok({"id": f"re_{key}", "status": "succeeded", "amount": 1})
+
+    def retrieve_refund(self, refund_id: str) -> Reply:
+        return Ok({"id": refund_id, "status": "succeeded", "amount": 1})
+
+    def list_refunds(self, intent_id: str) -> Reply:
+        return Ok({"data": []})
+
+
+class _NoopCarrier:
+    def create_shipment(self, body: Mapping[str, Any], key: str) -> Reply:
+        return Ok({"id": f"shp_{key}", "tracking_number": "T0"})
+
+    def find_shipments(self, order_id: str) -> Reply:
+        return Ok({"data": []})
+
+    def retrieve_shipment(self, shipment_id: str) -> Reply:
+        return Ok({"id": shipment_id, "status": "created"})
+
+    def cancel_shipment(self, shipment_id: str, key: str) -> Reply:
+        return Ok({"id": shipment_id, "status": "cancelled"})
+
+    def create_return(self, body: Mapping[str, Any], key: str) -> Reply:
+        return Ok({"id": f"ret_{key}"})
+
+    def find_returns(self, order_id: str) -> Reply:
+        return Ok({"data": []})
+
+
+class _NoopEmail:
+    def send(self, body: Mapping[str, Any], key: str) -> Reply:
+        return Ok({"id": f"msg_{key}"})
+
+    def find_messages(self, key: str) -> Reply:
+        return Ok({"data": []})
+
+
 class NoopProviders:
     """Every provider call succeeds at once (the ProviderCalls protocol)."""
 
-    def charge(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        return StepOutcome.success(payment_intent_id=f"pi_{key}")
-
-    def refund(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        return StepOutcome.success(refund_id=f"re_{key}")
-
-    def ship(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        return StepOutcome.success(shipment_id=f"shp_{key}", tracking_number="T0")
-
-    def cancel_shipment(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        return StepOutcome.success()
-
-    def return_label(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        return StepOutcome.success(shipment_id=f"ret_{key}")
-
-    def send_confirmation(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        return StepOutcome.success(message_id=f"msg_{key}")
+    stripe = _NoopStripe()
+    carrier = _NoopCarrier()
+    email = _NoopEmail()
 
 
 def worker_main(url: str, concurrency: int) -> None:

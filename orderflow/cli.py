@@ -190,6 +190,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from outbox_worker.logs import configure
     from outbox_worker.providers import ProviderConfig, Providers
     from outbox_worker.runner import Worker
+    from outbox_worker.steps import StepSettings
 
     configure(args.log_level)
     url = resolve_url(settings)
@@ -199,6 +200,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker = Worker(
         url,
         providers,
+        steps=StepSettings.from_env(),
         concurrency=args.concurrency,
         lease_s=args.lease,
         backoff_scale=float(os.environ.get("ORDERFLOW_BACKOFF_SCALE", "1")),
@@ -330,16 +332,55 @@ def cmd_bench_seed(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from orderflow.doctor import report, run_checks
+    from outbox_worker.providers import ProviderConfig, StripeApi
 
     effects = None
+    stripe = None
     if args.sandbox:
         import httpx
 
         effects = httpx.get(f"{args.sandbox}/_sandbox/effects", timeout=10).json()["effects"]
+    elif os.environ.get("STRIPE_API_KEY"):
+        stripe = StripeApi(ProviderConfig.from_env())  # ask Stripe itself
     with _connect_migrated(settings) as conn:
-        checks = run_checks(conn, effects)
+        checks = run_checks(conn, effects, stripe)
     print(report(checks))
     return 0 if all(c.ok for c in checks) else 1
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '24h', '7d' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    factor = units.get(text[-1:])
+    number = text[:-1] if factor else text
+    try:
+        value = float(number) * (factor or 1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 90s, 30m, 24h, 7d)"
+        ) from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return value
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from orderflow.reconcile import StripeUnavailable, reconcile, render
+    from outbox_worker.providers import ProviderConfig, StripeApi
+
+    if not os.environ.get("STRIPE_API_KEY"):
+        print("orderflow reconcile: set STRIPE_API_KEY (and STRIPE_API_BASE)", file=sys.stderr)
+        return 2
+    stripe = StripeApi(ProviderConfig.from_env())
+    with _connect_migrated(settings) as conn:
+        try:
+            findings = reconcile(conn, stripe, args.since, fix=not args.dry_run)
+        except StripeUnavailable as exc:
+            print(f"orderflow reconcile: {exc}", file=sys.stderr)
+            return 2
+    print(render(findings))
+    return 1 if any(f.for_a_person for f in findings) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,6 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the invariants on the live database")
     p.add_argument("--sandbox", help="also check the provider sandbox's effects at this URL")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("reconcile", help="compare orders with Stripe; fix what the machine allows")
+    p.add_argument(
+        "--since",
+        type=parse_duration,
+        default=7 * 86400,
+        help="the window: PaymentIntents created this long ago or later (default 7d)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="report only, change nothing")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("bench", help="benchmarks; the last line of output is JSON")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)

@@ -27,6 +27,7 @@ class Settings:
     reservation_ttl_seconds: int
     jwt_secret: str | None
     jwt_audience: str
+    stripe_webhook_secret: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -36,4 +37,5 @@ class Settings:
             reservation_ttl_seconds=_int_env("RESERVATION_TTL_SECONDS", 900),
             jwt_secret=os.environ.get("JWT_SECRET") or None,
             jwt_audience=os.environ.get("JWT_AUDIENCE") or "orderflow",
+            stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
         )

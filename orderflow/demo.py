@@ -44,7 +44,8 @@ SKUS = ["MUG-01", "TEE-M", "TEE-L", "CAP-01", "BAG-01", "NOTE-A5"]  # the well-s
 class Plan:
     """Which outcome each demo order is meant to show."""
 
-    kind: str  # "ok" | "declined" | "ship_fails" | "timeout" | "return"
+    # "ok" | "declined" | "ship_fails" | "timeout" | "return" | "3ds" | "3ds_abandoned" | "debit"
+    kind: str
     card: str = "pm_card_visa"
 
 
@@ -55,6 +56,9 @@ def plans(n: int) -> list[Plan]:
         Plan("ship_fails"),
         Plan("return"),
         Plan("timeout"),
+        Plan("3ds", "pm_card_authenticationRequired"),
+        Plan("3ds_abandoned", "pm_card_authenticationRequired"),
+        Plan("debit", "pm_sepaDebit"),
     ]
     out = [Plan("ok") for _ in range(max(n, len(special)))]
     step = max(1, len(out) // len(special))
@@ -77,12 +81,14 @@ def run_demo(
         count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
     print(f"catalog: {count} products from catalog/sample.csv")
     secret = settings.jwt_secret or secrets.token_hex(32)
+    webhook_secret = f"whsec_{secrets.token_hex(16)}"
     api_settings = Settings(
         database_url=url,
         state_dir=settings.state_dir,
         reservation_ttl_seconds=settings.reservation_ttl_seconds,
         jwt_secret=secret,
         jwt_audience=settings.jwt_audience,
+        stripe_webhook_secret=webhook_secret,
     )
     with (
         serve(create_sandbox_app(), free_port()) as sandbox_url,
@@ -91,10 +97,16 @@ def run_demo(
         providers = Providers(
             ProviderConfig("sk_test_demo", sandbox_url, sandbox_url, sandbox_url, timeout_s=2.0)
         )
+        # The sandbox sends Stripe's events to the API's webhook endpoint, signed.
+        httpx.post(
+            f"{sandbox_url}/_sandbox/config",
+            json={"webhook_url": f"{api_url}/v1/webhooks/stripe", "webhook_secret": webhook_secret},
+        ).raise_for_status()
         worker = Worker(url, providers, concurrency=8, lease_s=15)
         worker_thread = threading.Thread(target=worker.run_forever, daemon=True)
         worker_thread.start()
         print(f"API {api_url}   sandbox {sandbox_url}   worker: 8 calls in flight")
+        print("webhooks: the sandbox signs Stripe's events for the API's /v1/webhooks/stripe")
         try:
             result = _place_and_follow(
                 url, api_url, sandbox_url, orders, lambda u, admin=False: mint_token(
@@ -134,6 +146,7 @@ def _place_and_follow(
     # The sandbox's faults are global: bound each to the orders meant to show it.
     order_ids: dict[str, str] = {}
     returns: list[tuple[str, dict[str, str]]] = []
+    three_ds: list[tuple[str, dict[str, str], bool]] = []
     for i, plan in enumerate(plans(n)):
         user = users[i % len(users)]
         headers = {"Authorization": f"Bearer {token_for(user)}"}
@@ -168,8 +181,12 @@ def _place_and_follow(
         order_ids[order.json()["id"]] = plan.kind
         if plan.kind == "return":
             returns.append((order.json()["id"], headers))
+        if plan.kind in ("3ds", "3ds_abandoned"):
+            three_ds.append((order.json()["id"], headers, plan.kind == "3ds"))
         if plan.kind in ("ship_fails", "timeout"):
             _wait_for(url, [order.json()["id"]], SETTLED, 30)  # its fault is used up by it
+    for order_id, headers, completes in three_ds:
+        _three_d_secure(url, http, sandbox_url, order_id, headers, completes)
     for order_id, headers in returns:
         _wait_for(url, [order_id], ("confirmed",), 60)
         http.post(
@@ -188,6 +205,34 @@ def _place_and_follow(
         }
     print("orders by state: " + ", ".join(f"{k} {v}" for k, v in final.items()))
     return final
+
+
+def _three_d_secure(
+    url: str,
+    http: httpx.Client,
+    sandbox_url: str,
+    order_id: str,
+    headers: dict[str, str],
+    completes: bool,
+) -> None:
+    """Play the customer of a card that needs 3-D Secure: the storefront reads
+    next_action from the order and sends them to the bank's page."""
+    _wait_for(url, [order_id], ("awaiting_payment",), 30)
+    payment = http.get(f"/v1/orders/{order_id}", headers=headers).json()["payment"] or {}
+    page = ((payment.get("next_action") or {}).get("redirect_to_url") or {}).get("url")
+    if completes and page:
+        httpx.post(page, data={"result": "complete"})
+        _wait_for(url, [order_id], ("confirmed",), 30)
+        print(f"3-D Secure completed at the bank's page: order {order_id} confirmed")
+        return
+    # Abandoned: the customer never comes back.  The demo does not wait the 15
+    # minutes of the hold; it moves this one reservation's expiry to now.
+    with connect(url) as conn:
+        conn.execute(QUERIES["demo_expire_reservation"], {"order_id": order_id})
+    _wait_for(url, [order_id], ("cancelled",), 30)
+    intents = httpx.get(f"{sandbox_url}/_sandbox/payment_intents", params={"order_id": order_id})
+    status = [i.get("status") for i in intents.json()["payment_intents"]]
+    print(f"3-D Secure abandoned: order {order_id} cancelled, its PaymentIntent {status}")
 
 
 def _faults(sandbox_url: str, *rules: dict[str, Any]) -> None:

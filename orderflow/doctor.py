@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 
+from orderflow.payments import IntentView
+from orderflow.reconcile import StripeReads, refunded_cents
 from sql import QUERIES
 from statemachine.definition import FORWARD_ACTIONS, TRANSITIONS, OrderState
 
@@ -74,8 +76,53 @@ def out_of_order_compensations(events: list[str], steps: list[str]) -> bool:
     return False
 
 
+def money_kept_at_provider(
+    conn: psycopg.Connection[Any], effects: list[dict[str, Any]]
+) -> list[str]:
+    """Cancelled or returned orders for which the provider's effects show money
+    taken and not given back (a refund still being worked on excepted)."""
+    kept: Counter[str] = Counter()
+    for e in effects:
+        if e["kind"] == "charge":
+            kept[e["order_id"]] += int(e.get("amount") or 0)
+        elif e["kind"] == "refund":
+            kept[e["order_id"]] -= int(e.get("amount") or 0)
+    settled = {r["order_id"]: r["state"] for r in conn.execute(QUERIES["doctor_settled_orders"])}
+    working = {r["order_id"] for r in conn.execute(QUERIES["doctor_refunds_open"])}
+    return sorted(
+        f"{o} ({settled[o]}: {n} cents kept)"
+        for o, n in kept.items()
+        if n > 0 and o in settled and o not in working
+    )
+
+
+def money_kept_at_stripe(conn: psycopg.Connection[Any], stripe: StripeReads) -> list[str]:
+    """The same check against Stripe's API: each cancelled or returned order's
+    PaymentIntent and its refunds."""
+    with conn.cursor() as cur:
+        rows = cur.execute(
+            QUERIES["reconcile_orders"],
+            {"order_ids": [], "intent_ids": [], "states": ["cancelled", "returned"]},
+        ).fetchall()
+    offenders = []
+    for row in rows:
+        if row["payment_step_open"]:
+            continue
+        intent = IntentView.parse(getattr(stripe.retrieve_intent(row["intent_id"]), "body", None))
+        if intent is None:
+            offenders.append(f"{row['order_id']} (Stripe did not answer for {row['intent_id']})")
+            continue
+        if intent.captured:
+            kept = intent.amount_received - refunded_cents(stripe, intent.id)
+            if kept > 0:
+                offenders.append(f"{row['order_id']} ({row['state']}: {kept} cents kept)")
+    return offenders
+
+
 def run_checks(
-    conn: psycopg.Connection[Any], effects: list[dict[str, Any]] | None = None
+    conn: psycopg.Connection[Any],
+    effects: list[dict[str, Any]] | None = None,
+    stripe: StripeReads | None = None,
 ) -> list[Check]:
     checks = [
         Check(
@@ -146,6 +193,19 @@ def run_checks(
                     for o in set(charged) | set(recorded)
                     if charged.get(o, 0) != recorded.get(o, 0) and o not in in_flight
                 ),
+            )
+        )
+        checks.append(
+            Check(
+                "no cancelled or returned order keeps money at the provider",
+                money_kept_at_provider(conn, effects),
+            )
+        )
+    elif stripe is not None:
+        checks.append(
+            Check(
+                "no cancelled or returned order keeps money at Stripe",
+                money_kept_at_stripe(conn, stripe),
             )
         )
     return checks

@@ -46,7 +46,18 @@ OUTBOX_STATUSES = ("pending", "in_flight", "done", "dead")
 CART_STATUSES = ("open", "ordered")
 LEDGER_KINDS = ("load", "adjust", "reserve", "release", "restock")
 PAYMENT_KINDS = ("charge", "refund")
-PAYMENT_STATUSES = ("succeeded", "failed")
+# A refund Stripe has not finished yet is `pending`; only `succeeded` is money back.
+PAYMENT_STATUSES = ("succeeded", "failed", "pending")
+# The statuses of a Stripe PaymentIntent (its last known one is kept).
+INTENT_STATUSES = (
+    "requires_payment_method",
+    "requires_confirmation",
+    "requires_action",
+    "processing",
+    "requires_capture",
+    "succeeded",
+    "canceled",
+)
 SHIPMENT_KINDS = ("outbound", "return")
 SHIPMENT_STATUSES = ("created", "cancelled")
 RECOVERY_POINTS = ("started", "finished")
@@ -290,6 +301,48 @@ payments = Table(
     ),
     Index(None, "idempotency_key"),
     Index("ix_payments_order_kind_status", "order_id", "kind", "status"),
+)
+
+# The order's PaymentIntent at Stripe, as last seen (by the worker, a poll or a
+# webhook).  One per order, enforced here: money can only ever be taken through
+# the one PaymentIntent the order recorded before it confirmed it.
+payment_intents = Table(
+    "payment_intents",
+    metadata,
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True),
+    Column("id", Text, nullable=False, unique=True),  # Stripe's pi_...
+    Column("status", Text, nullable=False),
+    Column("amount_cents", Integer, nullable=False),
+    Column("amount_received_cents", Integer, nullable=False, server_default="0"),
+    Column("amount_capturable_cents", Integer, nullable=False, server_default="0"),
+    Column("currency", Text, nullable=False),
+    # Shown to the order's owner only while the customer must act (3-D Secure).
+    Column("client_secret", Text),
+    Column("next_action", JSONB),
+    Column("last_error_code", Text),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("updated_at", nullable=False, default_now=True),
+    CheckConstraint(_in_list("status", INTENT_STATUSES), name="status_known"),
+    CheckConstraint("amount_cents > 0", name="amount_positive"),
+    CheckConstraint(
+        "amount_received_cents >= 0 AND amount_capturable_cents >= 0", name="amounts_nonnegative"
+    ),
+)
+
+# Stripe's webhook events, each stored once (the inbox), in the transaction of
+# the state change it causes; a redelivery finds its row and changes nothing.
+stripe_events = Table(
+    "stripe_events",
+    metadata,
+    Column("id", Text, primary_key=True),  # evt_...
+    Column("type", Text, nullable=False),
+    Column("object_id", Text),
+    Column("order_id", Text, ForeignKey("orders.id", ondelete="SET NULL")),
+    _ts("stripe_created"),
+    _ts("received_at", nullable=False, default_now=True),
+    Column("outcome", Text, nullable=False),  # what it did: an event applied, or why ignored
+    Column("data", JSONB, nullable=False),  # the object, without its client secret
+    Index(None, "order_id"),
 )
 
 shipments = Table(

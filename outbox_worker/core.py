@@ -1,9 +1,12 @@
-"""Processing one claimed outbox row: call the provider, then commit the outcome.
+"""Processing one claimed outbox row: run its step (outbox_worker/steps.py), then
+commit what it came to.
 
 The outcome commits in ONE transaction: the row (done, retried or dead, fenced
 by owner and fence so a worker whose lease was taken over cannot commit), the
 facts learned (payments, shipments, stock) and the state-machine event, which
-writes the next outbox rows.  No transaction is open during a provider call.
+writes the next outbox rows.  No transaction is open during a provider call;
+the only write before one is a step's checkpoint (a PaymentIntent's id noted
+before it is confirmed).
 """
 
 from __future__ import annotations
@@ -11,18 +14,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orderflow import failpoints
+from orderflow import failpoints, payments
 from orderflow.metrics import COMPENSATIONS, DEAD_LETTERS, STEP_LATENCY, STEP_RETRIES
-from orderflow.orders import consume_reservation, release_inventory, restock_order
-from outbox_worker.outcomes import Kind, StepOutcome, backoff_s
+from orderflow.payments import IntentMismatch, IntentView
+from outbox_worker.outcomes import (
+    Action,
+    AttemptHistory,
+    Kind,
+    RetryDecision,
+    StepOutcome,
+    decide_crash,
+    decide_retry,
+)
+from outbox_worker.steps import (
+    STEP_IMPLEMENTATIONS,
+    OrderMoved,
+    ProviderCalls,
+    RecordCall,
+    StepCall,
+    StepSettings,
+    shipment_row,
+)
 from sql import QUERIES
 from statemachine.definition import STEPS_BY_NAME, OrderState, Step
 from statemachine.engine import advance, advance_many
@@ -30,14 +51,7 @@ from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotF
 
 log = logging.getLogger("orderflow.worker")
 
-
-class ProviderCalls(Protocol):
-    def charge(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
-    def refund(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
-    def ship(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
-    def cancel_shipment(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
-    def return_label(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
-    def send_confirmation(self, ctx: Mapping[str, Any], key: str) -> StepOutcome: ...
+Connect = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 
 
 @dataclass(frozen=True)
@@ -53,24 +67,15 @@ class ClaimedRow:
     # (state, money, address, lines, payment and shipment references).
     context: dict[str, Any]
 
+    @property
+    def lost_attempts(self) -> int:
+        """Claims of this row that ended without any commit (a worker died)."""
+        return max(0, self.attempts - 1 - int(self.payload.get("last_attempt", 0)))
 
-# Which provider call runs each external step (local steps have none).
-CALLS: dict[str, Callable[[ProviderCalls, Mapping[str, Any], str], StepOutcome]] = {
-    "charge_payment": lambda p, c, k: p.charge(c, k),
-    "refund_payment": lambda p, c, k: p.refund(c, k),
-    "refund_return": lambda p, c, k: p.refund(c, k),
-    "ship_order": lambda p, c, k: p.ship(c, k),
-    "cancel_shipment": lambda p, c, k: p.cancel_shipment(c, k),
-    "create_return_label": lambda p, c, k: p.return_label(c, k),
-    "send_confirmation": lambda p, c, k: p.send_confirmation(c, k),
-}
-LOCAL_STEPS = frozenset({"release_inventory", "restock_inventory"})
-
-# A forward step whose order has moved on must not start its effect at all.
-ONLY_IN_STATE: dict[str, OrderState] = {
-    "charge_payment": OrderState.RESERVED,
-    "ship_order": OrderState.PAID,
-}
+    @property
+    def unsettled(self) -> bool:
+        """Could an earlier attempt have had an effect we do not know of?"""
+        return bool(self.payload.get("unsettled")) or self.lost_attempts > 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class WorkerConfig:
     owner: str
     lease_s: float = 30.0
     backoff_scale: float = 1.0  # tests shrink the seed's backoff; never below 0
+    steps: StepSettings = field(default_factory=StepSettings)
 
 
 def claim(conn: psycopg.Connection[Any], config: WorkerConfig, limit: int) -> list[ClaimedRow]:
@@ -101,6 +107,10 @@ def claim(conn: psycopg.Connection[Any], config: WorkerConfig, limit: int) -> li
     ]
 
 
+class StaleLease(Exception):
+    """Our lease was taken over; the result must not be committed."""
+
+
 def process(
     conn: psycopg.Connection[Any],
     row: ClaimedRow,
@@ -109,65 +119,145 @@ def process(
 ) -> str:
     """Run one claimed row to its committed outcome; returns a label for the logs."""
     started = time.monotonic()
-    return commit_step(conn, row, call_step(row, providers), config, started)
+    try:
+        outcome = call_step(row, providers, config, lambda: contextlib.nullcontext(conn))
+    except StaleLease:
+        return _logged(row, "stale", started)
+    return commit_step(conn, row, outcome, config, started)
 
 
-def call_step(row: ClaimedRow, providers: ProviderCalls) -> StepOutcome | None:
-    """The step's provider call (no database: the claim read the context).
+def _settles(spec: Step, row: ClaimedRow) -> bool:
+    """Has the order left the state the step works in?  An effectful step then only
+    finds out what its earlier attempts did; a poll has nothing left to do."""
+    return (spec.effectful or spec.name == "await_payment") and row.context[
+        "state"
+    ] != spec.runs_in.value
 
-    None means "skip": a forward step whose order moved on, and no earlier
-    attempt of which can have reached the provider."""
-    required = ONLY_IN_STATE.get(row.step)
-    if required is not None and row.context["state"] != required and not _may_have_called(row):
-        return None
-    if row.step in LOCAL_STEPS:
-        return StepOutcome.success()
+
+def call_step(
+    row: ClaimedRow, providers: ProviderCalls, config: WorkerConfig, connect: Connect
+) -> StepOutcome:
+    """The step's provider calls (no transaction held; the claim read the context).
+
+    Raises StaleLease if a checkpoint finds the lease taken over."""
+    spec = STEPS_BY_NAME[row.step]
+    if row.lost_attempts >= spec.retry.max_unreadable:
+        # The process died on this row again and again: a poison row, for a person.
+        return StepOutcome.operator(f"{row.lost_attempts} attempts ended without a result")
+    settle = _settles(spec, row)
+    if settle and not row.unsettled:
+        # Every earlier attempt ended in a definite "not done": nothing to find
+        # out, and nothing may start now.  (No compensation waits on this row:
+        # only rows in flight or with an unknown outcome hold them.)
+        return StepOutcome(Kind.DONE, facts={"note": f"skipped: the order is "
+                                            f"{row.context['state']}"}, silent=True)  # fmt: skip
+    step = STEP_IMPLEMENTATIONS[row.step]
+    call = StepCall(
+        order_id=row.order_id,
+        step=row.step,
+        base_key=f"{row.order_id}:{row.step}",
+        order=row.context,
+        memory=dict(row.payload),
+        settle=settle,
+        unsettled=row.unsettled,
+        providers=providers,
+        settings=config.steps,
+        checkpoint=_checkpointer(row, config, connect),
+    )
     failpoints.hit(f"{row.step}.before_call")
-    outcome = CALLS[row.step](providers, row.context, row.idempotency_key)
+    outcome = step.run(call)
     failpoints.hit(f"{row.step}.after_call")
-    return outcome
+    # What the step learned during the attempt (a new key, an intent's id) stays.
+    return outcome.remember(**{**call.memory, **outcome.memory})
+
+
+def _checkpointer(row: ClaimedRow, config: WorkerConfig, connect: Connect) -> Callable[..., None]:
+    def checkpoint(
+        memory: dict[str, Any],
+        states: tuple[OrderState, ...] | None,
+        record: Callable[[psycopg.Connection[Any]], None] | None = None,
+    ) -> None:
+        with connect() as conn, conn.transaction():
+            result = conn.execute(
+                QUERIES["checkpoint_outbox_row"],
+                {
+                    "id": row.id,
+                    "order_id": row.order_id,
+                    "owner": config.owner,
+                    "fence": row.fence,
+                    "memory": Jsonb(memory),
+                    "states": [s.value for s in states] if states else None,
+                },
+            ).fetchone()
+            assert result is not None
+            if not result["leased"]:
+                raise StaleLease(row.id)
+            if not result["in_state"]:
+                raise OrderMoved(row.order_id)
+            if record is not None:
+                record(conn)
+        failpoints.hit(f"{row.step}.after_checkpoint")
+
+    return checkpoint
+
+
+def _record_call(row: ClaimedRow) -> RecordCall:
+    return RecordCall(row.order_id, row.step, row.idempotency_key, row.context)
+
+
+def _payload(row: ClaimedRow, outcome: StepOutcome, **more: Any) -> dict[str, Any]:
+    """The row's payload after this attempt: what the step remembers, whether its
+    outcome is unknown, and which attempt this was."""
+    return {
+        **outcome.memory,
+        "unsettled": outcome.kind == Kind.UNKNOWN,
+        "last_attempt": row.attempts,
+        **more,
+    }
 
 
 def commit_step(
     conn: psycopg.Connection[Any],
     row: ClaimedRow,
-    outcome: StepOutcome | None,
+    outcome: StepOutcome,
     config: WorkerConfig,
     started: float,
 ) -> str:
     """Commit what `call_step` came to, in one transaction; returns the log label."""
-    ctx = row.context
-    if outcome is None:
-        try:
-            with conn.transaction():
-                _finish_row(conn, row, config, note=f"skipped: order is {ctx['state']}")
-        except StaleLease:
-            return _logged(row, "stale", started)
-        return _logged(row, "skipped", started)
     spec = STEPS_BY_NAME[row.step]
-    if outcome.kind == Kind.SUCCESS:
-        label = _commit_success(conn, row, spec, ctx, outcome, config)
-    elif outcome.kind == Kind.PERMANENT:
-        label = _commit_failure(conn, row, spec, ctx, outcome, config)
+    if outcome.kind == Kind.DONE:
+        label = _commit_done(conn, row, spec, outcome, config)
+    elif outcome.kind == Kind.FAILED:
+        label = _commit_failed(conn, row, spec, outcome, config)
+    elif outcome.kind == Kind.OPERATOR:
+        label = _dead_letter(conn, row, config, outcome.error or "needs a person", outcome)
+    elif outcome.kind == Kind.WAIT:
+        label = _commit_wait(conn, row, spec, outcome, config)
     else:
-        label = _retry_or_give_up(conn, row, spec, ctx, outcome, config)
+        label = _retry(conn, row, spec, outcome, config)
     return committed(row, label, started, outcome.error)
+
+
+def commit_crash(
+    conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, error: str
+) -> str:
+    """The step raised (a bug, an answer we could not read): its call may have
+    reached the provider, so the row backs off as unknown and, past its attempt
+    limit, goes to an operator; it is never compensated."""
+    spec = STEPS_BY_NAME[row.step]
+    decision = decide_crash(
+        spec.retry, AttemptHistory.from_payload(row.payload), scale=config.backoff_scale
+    )
+    outcome = StepOutcome.unknown(f"crashed: {error}"[:500], **{**row.payload, **decision.counters})
+    if decision.action == Action.DEAD_LETTER:
+        return _dead_letter(conn, row, config, outcome.error or "crashed", outcome)
+    return _reschedule(conn, row, outcome, config, decision)
 
 
 def committed(row: ClaimedRow, label: str, started: float, error: str | None = None) -> str:
     """After a step's commit: its failpoint, its metrics and its log line."""
     failpoints.hit(f"{row.step}.after_commit")
     return _logged(row, label, started, error)
-
-
-def _may_have_called(row: ClaimedRow) -> bool:
-    """Could an earlier attempt of this row have reached the provider?  Then
-    skipping would keep whatever it did (money taken, a parcel booked); only a
-    replay with the same key can tell.  An attempt is known not to have reached
-    it when its failure was committed as definite (5xx, refused: `not_done`)."""
-    if row.payload.get("unknown_outcome") or row.payload.get("maybe_called"):
-        return True
-    return row.attempts - 1 > int(row.payload.get("not_done", 0))
 
 
 def _logged(row: ClaimedRow, outcome: str, started: float, error: str | None = None) -> str:
@@ -193,10 +283,6 @@ def _logged(row: ClaimedRow, outcome: str, started: float, error: str | None = N
     return outcome
 
 
-class StaleLease(Exception):
-    """Our lease was taken over; the result must not be committed."""
-
-
 def _finish_row(
     conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, note: str | None = None
 ) -> None:
@@ -219,171 +305,152 @@ def _finish_rows(
     ).fetchall()
 
 
-def _shipment(row: ClaimedRow, facts: Mapping[str, Any]) -> dict[str, Any]:
-    """The shipments row a ship_order or create_return_label success records."""
-    return {
-        "order_id": row.order_id,
-        "kind": "outbound" if row.step == "ship_order" else "return",
-        "carrier_ref": facts["shipment_id"],
-        "tracking_number": facts.get("tracking_number"),
-        "label_url": facts.get("label_url"),
-        "idempotency_key": row.idempotency_key,
-    }
+def _note(outcome: StepOutcome) -> str | None:
+    note = outcome.facts.get("note")
+    return str(note) if note is not None else outcome.error
 
 
-def _commit_success(
+def _event_of(spec: Step, outcome: StepOutcome) -> str | None:
+    if outcome.silent:
+        return None
+    return outcome.event or spec.on_success
+
+
+def _commit_done(
     conn: psycopg.Connection[Any],
     row: ClaimedRow,
     spec: Step,
-    ctx: Mapping[str, Any],
     outcome: StepOutcome,
     config: WorkerConfig,
 ) -> str:
+    step = STEP_IMPLEMENTATIONS[row.step]
+    event = _event_of(spec, outcome)
     try:
         with conn.transaction():
-            _finish_row(conn, row, config, note=outcome.facts.get("note"))
-            detail = _record_success(conn, row, ctx, outcome)
+            _finish_row(conn, row, config, note=_note(outcome))
+            step.record(conn, _record_call(row), outcome)
             failpoints.hit(f"{row.step}.before_commit")
-            if spec.on_success is not None:
-                result = advance(conn, row.order_id, spec.on_success, detail)
-                if row.step == "charge_payment" and result.dest == OrderState.PAID:
-                    consume_reservation(conn, row.order_id)
+            if event is not None:
+                result = advance(conn, row.order_id, event, step.detail(outcome))
+                payments.after_transition(
+                    conn, row.order_id, result, IntentView.from_facts(outcome.facts)
+                )
     except StaleLease:
         return "stale"
+    except IntentMismatch as exc:
+        return _dead_letter(conn, row, config, str(exc), outcome)
     except (IllegalTransition, InvalidEventDetail) as exc:
-        return _dead_letter(conn, row, config, f"cannot apply success: {exc}")
+        if outcome.quiet:
+            # Nothing happened, and the order has moved on: the row simply ends.
+            return _finish_alone(conn, row, config, _note(outcome))
+        return _dead_letter(conn, row, config, f"cannot apply {event}: {exc}", outcome)
     return "done"
 
 
-def _record_success(
-    conn: psycopg.Connection[Any], row: ClaimedRow, ctx: Mapping[str, Any], outcome: StepOutcome
-) -> dict[str, Any]:
-    """Write what the step did; return the detail of its history row."""
-    facts = outcome.facts
-    detail = _success_detail(row.step, facts)
-    if row.step == "charge_payment":
-        _payment(conn, row, ctx, "charge", "succeeded", facts["payment_intent_id"], facts)
-    elif row.step in ("refund_payment", "refund_return"):
-        _payment(conn, row, ctx, "refund", "succeeded", facts["refund_id"], facts)
-    elif row.step in ("ship_order", "create_return_label"):
-        conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb([_shipment(row, facts)])})
-    elif row.step == "cancel_shipment":
-        conn.execute(QUERIES["cancel_shipment_row"], {"order_id": row.order_id})
-    elif row.step == "release_inventory":
-        release_inventory(conn, row.order_id)
-    elif row.step == "restock_inventory":
-        restock_order(conn, row.order_id)
-    return detail
+def _finish_alone(
+    conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, note: str | None
+) -> str:
+    with conn.transaction():
+        try:
+            _finish_row(conn, row, config, note=note)
+        except StaleLease:
+            return "stale"
+    return "done"
 
 
-def _success_detail(step: str, facts: Mapping[str, Any]) -> dict[str, Any]:
-    """The detail of the history row a successful step writes."""
-    detail: dict[str, Any] = {"step": step}
-    if step == "charge_payment":
-        detail["payment_intent_id"] = facts["payment_intent_id"]
-    elif step in ("refund_payment", "refund_return"):
-        detail["refund_id"] = facts["refund_id"]
-    elif step in ("ship_order", "create_return_label"):
-        detail["tracking_number"] = facts.get("tracking_number")
-    return detail
-
-
-def _payment(
-    conn: psycopg.Connection[Any],
-    row: ClaimedRow,
-    ctx: Mapping[str, Any],
-    kind: str,
-    status: str,
-    ref: str | None,
-    facts: Mapping[str, Any],
-) -> None:
-    conn.execute(
-        QUERIES["insert_payment"],
-        {
-            "order_id": row.order_id,
-            "kind": kind,
-            "status": status,
-            "provider_ref": ref,
-            "amount_cents": facts.get("amount_cents") or ctx["total_cents"],
-            "currency": ctx["currency"],
-            "idempotency_key": row.idempotency_key,
-            "failure_code": facts.get("decline_code") or facts.get("code"),
-        },
-    )
-
-
-def _commit_failure(
+def _commit_failed(
     conn: psycopg.Connection[Any],
     row: ClaimedRow,
     spec: Step,
-    ctx: Mapping[str, Any],
     outcome: StepOutcome,
     config: WorkerConfig,
 ) -> str:
-    """A definite failure: compensate (error edge) or dead-letter (no error edge)."""
+    """A definite failure: the error edge (compensate), or an operator if there is none."""
     if spec.on_failure == "step_dead_lettered":
-        return _dead_letter(conn, row, config, outcome.error or "failed")
+        return _dead_letter(conn, row, config, outcome.error or "failed", outcome)
+    step = STEP_IMPLEMENTATIONS[row.step]
     try:
         with conn.transaction():
             _finish_row(conn, row, config, note=outcome.error)
-            if row.step == "charge_payment" and ctx["total_cents"] > 0:
-                _payment(conn, row, ctx, "charge", "failed", None, outcome.facts)
-            detail = {"step": row.step, "error": outcome.error}
+            step.record(conn, _record_call(row), outcome)
+            detail = step.detail(outcome)
             if outcome.facts.get("effects_done"):
                 detail["effects_done"] = outcome.facts["effects_done"]
             advance(conn, row.order_id, spec.on_failure, detail)
     except StaleLease:
         return "stale"
     except (IllegalTransition, InvalidEventDetail):
-        # The order moved on (e.g. its reservation expired meanwhile): the
-        # failure changes nothing; the row is done.
-        with conn.transaction():
-            try:
-                _finish_row(conn, row, config, note=outcome.error)
-            except StaleLease:
-                return "stale"
+        # The order moved on (it waits for an operator, say): the failure changes nothing.
+        _finish_alone(conn, row, config, outcome.error)
     return "failed"
 
 
 def _dead_letter(
-    conn: psycopg.Connection[Any], row: ClaimedRow, config: WorkerConfig, error: str
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    config: WorkerConfig,
+    error: str,
+    outcome: StepOutcome | None = None,
 ) -> str:
+    payload = _payload(row, outcome) if outcome is not None else {}
     with conn.transaction():
         dead = conn.execute(
             QUERIES["dead_outbox_row"],
-            {"id": row.id, "owner": config.owner, "fence": row.fence, "error": error},
+            {
+                "id": row.id,
+                "owner": config.owner,
+                "fence": row.fence,
+                "error": error[:1000],
+                "payload": Jsonb(payload),
+            },
         ).fetchone()
         if dead is None:
             return "stale"
-        with contextlib.suppress(IllegalTransition):  # already waiting for an operator
+        if outcome is not None and outcome.kind == Kind.OPERATOR and outcome.facts:
+            # What the provider said is recorded for the person (a refund that failed).
+            STEP_IMPLEMENTATIONS[row.step].record(conn, _record_call(row), outcome)
+        with contextlib.suppress(IllegalTransition):  # already with an operator, or settled
             advance(conn, row.order_id, "step_dead_lettered", {"step": row.step, "error": error})
     return "dead"
 
 
-def _retry_or_give_up(
+def _retry(
     conn: psycopg.Connection[Any],
     row: ClaimedRow,
     spec: Step,
-    ctx: Mapping[str, Any],
     outcome: StepOutcome,
     config: WorkerConfig,
 ) -> str:
-    unknown = outcome.kind == Kind.UNKNOWN or bool(row.payload.get("unknown_outcome"))
-    throttled = outcome.kind == Kind.THROTTLED
-    exhausted = row.attempts >= spec.retry.max_attempts and not throttled
-    if exhausted and not (unknown and spec.on_failure != "step_dead_lettered"):
-        # Out of attempts, and the effect is known not to have happened (or an
-        # operator will re-drive it with the same key): fail for good.
-        return _commit_failure(conn, row, spec, ctx, outcome, config)
-    # Retry.  A step whose outcome is unknown and whose failure would compensate
-    # is replayed (same key) until it answers: compensating blind could keep
-    # money that was taken, or refund money that never was.
-    # Throttled tries give their attempt back but still stretch the backoff.
-    throttles = int(row.payload.get("throttled", 0)) + (1 if throttled else 0)
-    attempt = min(row.attempts, spec.retry.max_attempts) + throttles
-    delay = backoff_s(spec.retry, attempt, config.backoff_scale)
-    if outcome.retry_after_s is not None:
-        delay = max(delay, outcome.retry_after_s)
+    kind = outcome.kind
+    if kind == Kind.TRANSIENT and _settles(spec, row):
+        # Finding out is never given up as a failure: that would compensate blind.
+        kind = Kind.UNKNOWN
+    decision = decide_retry(
+        spec.retry,
+        AttemptHistory.from_payload(row.payload),
+        kind,
+        retry_after_s=outcome.retry_after_s,
+        unreadable=outcome.unreadable,
+        scale=config.backoff_scale,
+    )
+    if decision.action == Action.FAIL:
+        failed = StepOutcome(Kind.FAILED, None, outcome.facts, outcome.memory, outcome.error)
+        return _commit_failed(conn, row, spec, failed, config)
+    if decision.action == Action.DEAD_LETTER:
+        error = f"unreadable after {decision.counters['unreadable']} tries: {outcome.error}"
+        return _dead_letter(conn, row, config, error, outcome.remember(**decision.counters))
+    return _reschedule(conn, row, outcome, config, decision)
+
+
+def _reschedule(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    outcome: StepOutcome,
+    config: WorkerConfig,
+    decision: RetryDecision,
+    then: Callable[[], None] | None = None,
+) -> str:
+    attempt = row.attempts - (1 if decision.give_back_attempt else 0)
     with conn.transaction():
         updated = conn.execute(
             QUERIES["retry_outbox_row"],
@@ -391,28 +458,67 @@ def _retry_or_give_up(
                 "id": row.id,
                 "owner": config.owner,
                 "fence": row.fence,
-                "delay_s": delay,
+                "delay_s": decision.delay_s,
                 "error": outcome.error,
-                "payload": Jsonb(
-                    {
-                        **({"unknown_outcome": True} if unknown else {}),
-                        "throttled": throttles,
-                        # a definite "not done" (5xx, refused): this attempt did nothing
-                        "not_done": int(row.payload.get("not_done", 0))
-                        + (0 if unknown or throttled else 1),
-                    }
-                ),
-                "give_back_attempt": throttled,
+                "payload": Jsonb(_payload(row, outcome, last_attempt=attempt, **decision.counters)),
+                "give_back_attempt": decision.give_back_attempt,
             },
         ).fetchone()
-    if updated is None:
-        return "stale"
-    return "throttled" if throttled else "replay" if unknown else "retry"
+        if updated is None:
+            return "stale"
+        if then is not None:
+            then()
+    if outcome.kind == Kind.WAIT:
+        return "waiting"
+    if outcome.kind == Kind.THROTTLED:
+        return "throttled"
+    return "replay" if outcome.kind == Kind.UNKNOWN else "retry"
+
+
+def _commit_wait(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    spec: Step,
+    outcome: StepOutcome,
+    config: WorkerConfig,
+) -> str:
+    """The provider is still at work (3-D Secure, a bank debit, a pending refund):
+    poll again later, not counted as an attempt; record what changed meanwhile."""
+    step = STEP_IMPLEMENTATIONS[row.step]
+    decision = decide_retry(
+        spec.retry, AttemptHistory.from_payload(row.payload), Kind.WAIT,
+        scale=config.backoff_scale,
+    )  # fmt: skip
+
+    def record_and_move() -> None:
+        step.record(conn, _record_call(row), outcome)
+        if outcome.event is not None:
+            with contextlib.suppress(IllegalTransition, InvalidEventDetail):
+                result = advance(conn, row.order_id, outcome.event, step.detail(outcome))
+                payments.after_transition(
+                    conn, row.order_id, result, IntentView.from_facts(outcome.facts)
+                )
+
+    try:
+        return _reschedule(conn, row, outcome, config, decision, then=record_and_move)
+    except IntentMismatch as exc:
+        return _dead_letter(conn, row, config, str(exc), outcome)
 
 
 # Steps whose successes the daemon commits in batches: the shipping path, where
 # the facts are one shipment row (or none).  The others commit one by one.
 BATCHED_STEPS = frozenset({"ship_order", "send_confirmation"})
+
+
+def batchable(row: ClaimedRow, outcome: StepOutcome) -> bool:
+    """A plain success of a shipping-path step: it can share a commit."""
+    return (
+        row.step in BATCHED_STEPS
+        and outcome.kind == Kind.DONE
+        and not outcome.quiet
+        and not outcome.silent
+        and outcome.event in (None, STEPS_BY_NAME[row.step].on_success)
+    )
 
 
 @dataclass(frozen=True)
@@ -451,9 +557,7 @@ def commit_successes(
     for item in items:
         try:
             spec = STEPS_BY_NAME[item.row.step]
-            results.append(
-                _commit_success(conn, item.row, spec, item.row.context, item.outcome, config)
-            )
+            results.append(_commit_done(conn, item.row, spec, item.outcome, config))
         except Exception as exc:  # this row's; the others go on
             results.append(exc)
     return results
@@ -463,10 +567,14 @@ def _commit_batch(
     conn: psycopg.Connection[Any], items: Sequence[Success], config: WorkerConfig
 ) -> None:
     with conn.transaction():
-        finished = _finish_rows(conn, [(i.row, i.outcome.facts.get("note")) for i in items], config)
+        finished = _finish_rows(conn, [(i.row, _note(i.outcome)) for i in items], config)
         if len(finished) != len(items):
             raise BatchNotApplied("a lease was lost")
-        shipments = [_shipment(i.row, i.outcome.facts) for i in items if i.row.step == "ship_order"]
+        shipments = [
+            shipment_row(_record_call(i.row), i.outcome)
+            for i in items
+            if i.row.step == "ship_order"
+        ]
         if shipments:
             conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb(shipments)})
         for item in items:
@@ -477,7 +585,7 @@ def _commit_batch(
                 (
                     i.row.order_id,
                     str(STEPS_BY_NAME[i.row.step].on_success),
-                    _success_detail(i.row.step, i.outcome.facts),
+                    STEP_IMPLEMENTATIONS[i.row.step].detail(i.outcome),
                 )
                 for i in items
             ],

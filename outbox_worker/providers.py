@@ -1,22 +1,76 @@
 """Adapters to the outside world: Stripe (its SDK), the carrier and the e-mail API (httpx).
 
-Every call carries the outbox row's idempotency key, `{order_id}:{step}`, made
-from our own ids, so a replay after a crash has no second effect.  Each adapter
-turns the answer into a StepOutcome: success, permanent, transient or unknown
-(the request went out and no answer came back).
+Each call returns a `Reply` that says only what the answer proves:
+
+- `Ok`: the provider answered with the object;
+- `Refused`: a definite no (a declined card, an invalid request): nothing happened;
+- `Throttled`: 429, "not now";
+- `NotSent`: the request never reached the provider (connection refused);
+- `Misconfigured`: 401/403, our key or account is wrong: a person must fix it;
+- `Unknown`: the answer does not say what happened: a timeout or a reset after
+  the request went out, a 5xx (Stripe stores a 500 for the key and replays it),
+  a 409 "same key in flight", a body we cannot read.  `ended` tells whether the
+  request is known to be over (an answer came) or may still be running.
+
+What to do with an answer is the step's business (outbox_worker/steps.py): an
+adapter never guesses.  Every POST carries an idempotency key made from our
+own ids; GETs (retrieve, list, search, lookups) are safe to repeat.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import stripe
 
-from outbox_worker.outcomes import StepOutcome
+
+@dataclass(frozen=True)
+class Ok:
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    status: int
+    code: str
+    message: str = ""
+    body: dict[str, Any] = field(default_factory=dict)  # the error object
+
+
+@dataclass(frozen=True)
+class Throttled:
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class NotSent:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Misconfigured:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    reason: str
+    ended: bool  # an answer came, so the request is over; False: it may still run
+    # An answer we cannot read (a body without what the contract promises): asking
+    # again may never help, so these are counted and, past a limit, sent to a person.
+    # An outage (5xx, timeouts) is asked about for as long as it lasts.
+    poison: bool = False
+
+
+def unreadable(reason: str) -> Unknown:
+    return Unknown(reason, ended=True, poison=True)
+
+
+Reply = Ok | Refused | Throttled | NotSent | Misconfigured | Unknown
 
 
 @dataclass(frozen=True)
@@ -48,166 +102,232 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
         return None
 
 
-class Providers:
+# ---------------------------------------------------------------- Stripe
+
+
+class StripeApi:
+    """The Stripe calls the saga makes, through the official SDK (its v1 client)."""
+
     def __init__(self, config: ProviderConfig) -> None:
-        self.config = config
-        self._stripe = stripe.StripeClient(
+        self._client = stripe.StripeClient(
             config.stripe_api_key or "sk_test_missing",
             base_addresses={"api": config.stripe_api_base},
             max_network_retries=0,  # retries are ours: counted, backed off, durable
             http_client=stripe.HTTPXClient(timeout=config.timeout_s, allow_sync_methods=True),
         )
-        self._http = httpx.Client(timeout=config.timeout_s)
+
+    @property
+    def _v1(self) -> Any:
+        return self._client.v1
+
+    def create_intent(self, params: Mapping[str, Any], key: str) -> Reply:
+        return _stripe(
+            lambda: self._v1.payment_intents.create(
+                params=dict(params), options={"idempotency_key": key}
+            )
+        )
+
+    def confirm_intent(self, intent_id: str, params: Mapping[str, Any], key: str) -> Reply:
+        return _stripe(
+            lambda: self._v1.payment_intents.confirm(
+                intent_id, params=dict(params), options={"idempotency_key": key}
+            )
+        )
+
+    def retrieve_intent(self, intent_id: str) -> Reply:
+        return _stripe(lambda: self._v1.payment_intents.retrieve(intent_id))
+
+    def cancel_intent(self, intent_id: str, key: str) -> Reply:
+        return _stripe(
+            lambda: self._v1.payment_intents.cancel(
+                intent_id,
+                params={"cancellation_reason": "abandoned"},
+                options={"idempotency_key": key},
+            )
+        )
+
+    def search_intents(self, order_id: str) -> Reply:
+        # Search lags writes (Stripe: under a minute, longer in incidents): a hit
+        # is proof, an empty answer is not.
+        query = f"metadata['order_id']:'{order_id}'"
+        return _stripe(
+            lambda: self._v1.payment_intents.search(params={"query": query, "limit": 10})
+        )
+
+    def list_intents(self, created_gte: int, starting_after: str | None = None) -> Reply:
+        params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": 100}
+        if starting_after:
+            params["starting_after"] = starting_after
+        return _stripe(lambda: self._v1.payment_intents.list(params=params))
+
+    def create_refund(self, params: Mapping[str, Any], key: str) -> Reply:
+        return _stripe(
+            lambda: self._v1.refunds.create(params=dict(params), options={"idempotency_key": key})
+        )
+
+    def retrieve_refund(self, refund_id: str) -> Reply:
+        return _stripe(lambda: self._v1.refunds.retrieve(refund_id))
+
+    def list_refunds(self, intent_id: str) -> Reply:
+        return _stripe(
+            lambda: self._v1.refunds.list(params={"payment_intent": intent_id, "limit": 100})
+        )
+
+
+def _stripe(call: Callable[[], Any]) -> Reply:
+    try:
+        answer = call()
+    except stripe.CardError as exc:
+        error = _error_body(exc)
+        return Refused(
+            402, str(error.get("code") or "card_declined"), str(error.get("message", "")), error
+        )
+    except stripe.IdempotencyError as exc:
+        # The key was used with other parameters: whatever that request did exists.
+        return unreadable(f"Stripe idempotency_error: {exc.user_message or ''}"[:200])
+    except stripe.RateLimitError as exc:
+        return Throttled(_retry_after(exc.headers))
+    except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+        return Misconfigured(f"Stripe {exc.http_status}: check STRIPE_API_KEY")
+    except stripe.InvalidRequestError as exc:
+        error = _error_body(exc)
+        return Refused(
+            exc.http_status or 400,
+            str(error.get("code") or "invalid_request"),
+            str(error.get("message", ""))[:300],
+            error,
+        )
+    except stripe.APIConnectionError as exc:
+        if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+            return NotSent("could not connect to Stripe")
+        return Unknown(f"no answer from Stripe ({type(exc.__cause__).__name__})", ended=False)
+    except stripe.APIError as exc:
+        if exc.http_status == 409:  # another request with this key is still running
+            return Unknown("Stripe 409: the key is in flight", ended=False)
+        return Unknown(f"Stripe {exc.http_status}: {exc.code or 'api_error'}", ended=True)
+    except stripe.StripeError as exc:
+        return Unknown(f"Stripe {exc.http_status}: {type(exc).__name__}", ended=True)
+    body = answer.to_dict() if hasattr(answer, "to_dict") else answer
+    if not isinstance(body, dict):
+        return unreadable("unreadable answer from Stripe")
+    return Ok(body)
+
+
+def _error_body(exc: stripe.StripeError) -> dict[str, Any]:
+    body = exc.json_body if isinstance(exc.json_body, dict) else {}
+    error = body.get("error")
+    return error if isinstance(error, dict) else {}
+
+
+# ---------------------------------------------------------------- carrier, e-mail
+
+
+class HttpApi:
+    """A JSON API with Stripe-like idempotency keys (the carrier's, the e-mail provider's)."""
+
+    def __init__(self, base: str, timeout_s: float) -> None:
+        self.base = base.rstrip("/")
+        self._http = httpx.Client(timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()
 
-    # ------------------------------------------------------------ Stripe
+    def post(self, path: str, body: Mapping[str, Any], key: str) -> Reply:
+        return self._send("POST", path, json=dict(body), headers={"Idempotency-Key": key})
 
-    def charge(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        params: dict[str, Any] = {
-            "amount": ctx["total_cents"],
-            "currency": str(ctx["currency"]).lower(),
-            "payment_method": ctx["payment_method_id"],
-            "payment_method_types": ["card"],
-            "confirm": True,
-            "metadata": {"order_id": ctx["id"]},
-        }
+    def get(self, path: str, params: Mapping[str, str] | None = None) -> Reply:
+        return self._send("GET", path, params=dict(params or {}))
 
-        def call() -> StepOutcome:
-            intent = self._stripe.v1.payment_intents.create(
-                params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": key},
-            )
-            if intent.status != "succeeded":
-                return StepOutcome.permanent(f"payment intent {intent.status}", code=intent.status)
-            return StepOutcome.success(
-                payment_intent_id=intent.id, amount_cents=intent.amount_received or intent.amount
-            )
-
-        return self._stripe_call(call)
-
-    def refund(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        if not ctx.get("payment_intent_id"):
-            return StepOutcome.permanent("no captured payment to refund")
-
-        def call() -> StepOutcome:
-            refund = self._stripe.v1.refunds.create(
-                params={
-                    "payment_intent": ctx["payment_intent_id"],
-                    "metadata": {"order_id": ctx["id"]},
-                },
-                options={"idempotency_key": key},
-            )
-            return StepOutcome.success(refund_id=refund.id, amount_cents=refund.amount)
-
-        return self._stripe_call(call)
-
-    def _stripe_call(self, call: Callable[[], StepOutcome]) -> StepOutcome:
+    def _send(self, method: str, path: str, **kwargs: Any) -> Reply:
+        if not self.base:
+            return Misconfigured(f"no base URL configured for {path}")
         try:
-            return call()
-        except stripe.CardError as exc:
-            error = exc.error
-            return StepOutcome.permanent(
-                f"card declined: {getattr(error, 'decline_code', None) or exc.code}",
-                code=exc.code,
-                decline_code=getattr(error, "decline_code", None),
-            )
-        except stripe.RateLimitError as exc:
-            return StepOutcome.throttled(_retry_after(exc.headers))
-        except stripe.APIConnectionError as exc:
-            if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
-                return StepOutcome.transient("could not connect to Stripe")
-            return StepOutcome.unknown(f"no answer from Stripe ({type(exc.__cause__).__name__})")
-        except (stripe.APIError, stripe.AuthenticationError) as exc:
-            return StepOutcome.transient(f"Stripe {exc.http_status}: {exc.code or 'error'}")
-        except stripe.StripeError as exc:
-            return StepOutcome.permanent(f"Stripe {exc.http_status}: {exc.code or 'error'}")
-
-    # ------------------------------------------------------------ carrier, e-mail
-
-    def ship(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        body = {"order_id": ctx["id"], "address": ctx["shipping_address"], "items": ctx["lines"]}
-        return self._post(
-            f"{self.config.shipping_api_base}/v1/shipments",
-            body,
-            key,
-            _label_facts,
-        )
-
-    def cancel_shipment(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        if not ctx.get("shipment_id"):
-            return StepOutcome.success(note="no shipment to cancel")
-        return self._post(
-            f"{self.config.shipping_api_base}/v1/shipments/{ctx['shipment_id']}/cancel",
-            {},
-            key,
-            lambda r: StepOutcome.success(status=r.get("status")),
-        )
-
-    def return_label(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        body = {"order_id": ctx["id"], "shipment_id": ctx.get("shipment_id")}
-        return self._post(
-            f"{self.config.shipping_api_base}/v1/returns",
-            body,
-            key,
-            _label_facts,
-        )
-
-    def send_confirmation(self, ctx: Mapping[str, Any], key: str) -> StepOutcome:
-        if not ctx.get("email"):
-            return StepOutcome.success(note="no e-mail address on the order")
-        body = {
-            "to": ctx["email"],
-            "order_id": ctx["id"],
-            "subject": f"Your order {ctx['id']} is on its way",
-            "text": f"Tracking number: {ctx.get('tracking_number') or 'pending'}",
-        }
-        return self._post(
-            f"{self.config.email_api_base}/v1/messages",
-            body,
-            key,
-            lambda r: StepOutcome.success(message_id=r.get("id")),
-        )
-
-    def _post(
-        self,
-        url: str,
-        body: Mapping[str, Any],
-        key: str,
-        on_success: Callable[[dict[str, Any]], StepOutcome],
-    ) -> StepOutcome:
-        try:
-            response = self._http.post(url, json=body, headers={"Idempotency-Key": key})
+            response = self._http.request(method, f"{self.base}{path}", **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return StepOutcome.transient(f"could not connect: {type(exc).__name__}")
+            return NotSent(f"could not connect: {type(exc).__name__}")
         except httpx.HTTPError as exc:
-            # The request may have been received and acted on: only a replay can tell.
-            return StepOutcome.unknown(f"no answer: {type(exc).__name__}")
-        status = response.status_code
-        if 200 <= status < 300:
-            try:
-                return on_success(response.json())
-            except (ValueError, KeyError) as exc:
-                return StepOutcome.unknown(f"unreadable answer: {type(exc).__name__}")
-        if status == 429:
-            return StepOutcome.throttled(_retry_after(response.headers))
-        if status >= 500 or status == 408:
-            return StepOutcome.transient(f"HTTP {status}")
-        return StepOutcome.permanent(f"HTTP {status}: {_error_code(response)}")
+            # The request may have been received and acted on: only asking can tell.
+            return Unknown(f"no answer: {type(exc).__name__}", ended=False)
+        return _http_reply(response)
 
 
-def _label_facts(answer: dict[str, Any]) -> StepOutcome:
-    """A shipment or a return label: the carrier answers both the same way."""
-    return StepOutcome.success(
-        shipment_id=answer["id"],
-        tracking_number=answer.get("tracking_number"),
-        label_url=answer.get("label_url"),
-    )
-
-
-def _error_code(response: httpx.Response) -> str:
+def _http_reply(response: httpx.Response) -> Reply:
+    status = response.status_code
     try:
-        return str(response.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "error"
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = str(error.get("code")) if isinstance(error, dict) and error.get("code") else "error"
+    if 200 <= status < 300:
+        if not isinstance(body, dict):
+            return unreadable(f"HTTP {status} with a body we cannot read")
+        return Ok(body)
+    if status == 429:
+        return Throttled(_retry_after(response.headers))
+    if status == 409:
+        return Unknown(f"HTTP 409 {code}: the key is in flight", ended=False)
+    if status == 408:
+        return NotSent("HTTP 408: the request did not arrive whole")
+    if status >= 500:
+        return Unknown(f"HTTP {status}", ended=True)
+    if status in (401, 403):
+        return Misconfigured(f"HTTP {status}: check the provider's credentials")
+    if code == "idempotency_key_reused":
+        # The key was used for another request: what that one did exists.
+        return unreadable(f"HTTP {status} {code}")
+    return Refused(status, code, str((error or {}).get("message", ""))[:300], error or {})
+
+
+class CarrierApi:
+    def __init__(self, config: ProviderConfig) -> None:
+        self._api = HttpApi(config.shipping_api_base, config.timeout_s)
+
+    def close(self) -> None:
+        self._api.close()
+
+    def create_shipment(self, body: Mapping[str, Any], key: str) -> Reply:
+        return self._api.post("/v1/shipments", body, key)
+
+    def find_shipments(self, order_id: str) -> Reply:
+        return self._api.get("/v1/shipments", {"order_id": order_id})
+
+    def retrieve_shipment(self, shipment_id: str) -> Reply:
+        return self._api.get(f"/v1/shipments/{shipment_id}")
+
+    def cancel_shipment(self, shipment_id: str, key: str) -> Reply:
+        return self._api.post(f"/v1/shipments/{shipment_id}/cancel", {}, key)
+
+    def create_return(self, body: Mapping[str, Any], key: str) -> Reply:
+        return self._api.post("/v1/returns", body, key)
+
+    def find_returns(self, order_id: str) -> Reply:
+        return self._api.get("/v1/returns", {"order_id": order_id})
+
+
+class EmailApi:
+    def __init__(self, config: ProviderConfig) -> None:
+        self._api = HttpApi(config.email_api_base, config.timeout_s)
+
+    def close(self) -> None:
+        self._api.close()
+
+    def send(self, body: Mapping[str, Any], key: str) -> Reply:
+        return self._api.post("/v1/messages", body, key)
+
+    def find_messages(self, key: str) -> Reply:
+        return self._api.get("/v1/messages", {"idempotency_key": key})
+
+
+class Providers:
+    """The three providers the steps call."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self.stripe = StripeApi(config)
+        self.carrier = CarrierApi(config)
+        self.email = EmailApi(config)
+
+    def close(self) -> None:
+        self.carrier.close()
+        self.email.close()

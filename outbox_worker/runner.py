@@ -26,18 +26,19 @@ from psycopg_pool import ConnectionPool
 
 from orderflow.reporting import refresh
 from outbox_worker.core import (
-    BATCHED_STEPS,
     ClaimedRow,
-    ProviderCalls,
+    StaleLease,
     Success,
     WorkerConfig,
+    batchable,
     call_step,
     claim,
+    commit_crash,
     commit_step,
     commit_successes,
     committed,
 )
-from outbox_worker.outcomes import Kind
+from outbox_worker.steps import ProviderCalls, StepSettings
 from sql import QUERIES
 from statemachine.engine import advance
 from statemachine.errors import IllegalTransition
@@ -64,6 +65,7 @@ class Worker:
         report_refresh_s: float = 60.0,
         outbox_retention_days: int = 7,
         owner: str | None = None,
+        steps: StepSettings | None = None,
     ) -> None:
         self.url = url
         self.providers = providers
@@ -74,7 +76,10 @@ class Worker:
         self.outbox_retention_days = outbox_retention_days
         self.report_refresh_s = report_refresh_s
         self.config = WorkerConfig(
-            owner=owner or default_owner(), lease_s=lease_s, backoff_scale=backoff_scale
+            owner=owner or default_owner(),
+            lease_s=lease_s,
+            backoff_scale=backoff_scale,
+            steps=steps or StepSettings(),
         )
         self.pool = ConnectionPool(
             url,
@@ -115,24 +120,39 @@ class Worker:
             self._inflight[row.id] = row
         started = time.monotonic()
         try:
-            outcome = call_step(row, self.providers)  # holds no connection meanwhile
+            # Holds no connection during the calls (a checkpoint borrows one briefly).
+            outcome = call_step(row, self.providers, self.config, self.pool.connection)
             committer = self._committer
-            if (
-                committer is not None
-                and outcome is not None
-                and outcome.kind == Kind.SUCCESS
-                and row.step in BATCHED_STEPS
-            ):
+            if committer is not None and batchable(row, outcome):
                 return committed(row, committer.submit(Success(row, outcome)), started)
             with self.pool.connection() as conn:
                 return commit_step(conn, row, outcome, self.config, started)
-        except Exception:
+        except StaleLease:
+            return "stale"
+        except psycopg.OperationalError:
+            # The database went away: the lease expires and the row is retried,
+            # its outcome unknown (the next attempt asks the provider first).
+            log.warning(
+                "step crashed: the database is unavailable",
+                extra={"order_id": row.order_id, "step": row.step},
+            )
+            return "crashed"
+        except Exception as exc:
             log.exception("step crashed", extra={"order_id": row.order_id, "step": row.step})
-            return "crashed"  # the lease expires and another attempt picks it up
+            return self._crashed(row, exc)
         finally:
             with self._lock:
                 self._inflight.pop(row.id, None)
             self._wake.set()
+
+    def _crashed(self, row: ClaimedRow, exc: Exception) -> str:
+        """Count the crash against the row (it backs off, then goes to an operator)."""
+        try:
+            with self.pool.connection() as conn:
+                return commit_crash(conn, row, self.config, f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("could not record the crash", extra={"order_id": row.order_id})
+            return "crashed"  # the lease expires; the next claim counts it as lost
 
     # ------------------------------------------------------------ housekeeping
 

@@ -78,6 +78,16 @@ SELECT order_id, count(*) AS n FROM payments
  GROUP BY order_id;
 
 -- doctor_charges_in_flight --
--- Orders whose charge is still being called (its answer may not be recorded yet)
+-- Orders whose payment is still being settled (a charge, a 3-D Secure or bank debit, a compensation that may find a capture): the provider may know more than we do yet
 SELECT order_id FROM outbox
- WHERE step = 'charge_payment' AND status IN ('pending', 'in_flight');
+ WHERE step IN ('charge_payment', 'await_payment', 'refund_payment')
+   AND status IN ('pending', 'in_flight');
+
+-- doctor_settled_orders --
+-- Orders that are cancelled or returned: no money may stay with us
+SELECT id AS order_id, state FROM orders WHERE state IN ('cancelled', 'returned');
+
+-- doctor_refunds_open --
+-- Orders whose refund is still being worked on (the provider may not show it yet)
+SELECT order_id FROM outbox
+ WHERE step IN ('refund_payment', 'refund_return') AND status IN ('pending', 'in_flight');

@@ -169,10 +169,23 @@ SELECT o.id, o.state, o.total_cents, o.currency, o.created_at, o.updated_at,
                         ORDER BY l.sku)
               FROM order_lines l WHERE l.order_id = o.id),
            '[]'::json) AS lines,
-       (SELECT json_build_object('payment_intent_id', p.provider_ref, 'status', p.status)
-          FROM payments p
-         WHERE p.order_id = o.id AND p.kind = 'charge'
-         ORDER BY p.id DESC LIMIT 1) AS payment,
+       COALESCE(
+           (SELECT json_build_object(
+                       'payment_intent_id', pi.id, 'status', pi.status,
+                       'amount_cents', pi.amount_cents,
+                       'amount_received_cents', pi.amount_received_cents,
+                       -- only while the customer must act (3-D Secure), for Stripe.js
+                       'client_secret', CASE WHEN o.state = 'awaiting_payment'
+                                              AND pi.status = 'requires_action'
+                                             THEN pi.client_secret END,
+                       'next_action', CASE WHEN o.state = 'awaiting_payment'
+                                            AND pi.status = 'requires_action'
+                                           THEN pi.next_action END)
+              FROM payment_intents pi WHERE pi.order_id = o.id),
+           (SELECT json_build_object('payment_intent_id', p.provider_ref, 'status', p.status)
+              FROM payments p
+             WHERE p.order_id = o.id AND p.kind = 'charge'
+             ORDER BY p.id DESC LIMIT 1)) AS payment,
        (SELECT json_build_object('refund_id', p.provider_ref, 'status', p.status,
                                  'amount_cents', p.amount_cents)
           FROM payments p
@@ -212,9 +225,22 @@ SELECT id, state FROM orders WHERE id = %(order_id)s AND user_id = %(user_id)s;
 SELECT id, state FROM orders WHERE id = ANY(%(ids)s::text[]);
 
 -- lock_orders --
--- Lock a batch of orders (in id order, so batches never deadlock) and read each one's state, history and outbox steps
+-- Lock a batch of orders, in id order so batches never deadlock (read their facts with order_facts afterwards: a statement that waited for a lock still reads with the snapshot it started with)
+SELECT o.id
+  FROM orders o
+ WHERE o.id = ANY(%(order_ids)s)
+ ORDER BY o.id
+   FOR UPDATE OF o;
+
+-- order_facts --
+-- Each locked order's state, history, outbox steps and the effectful steps whose outcome is unknown (in flight, or an answer lost)
 SELECT o.id, o.state,
        ARRAY(SELECT ob.step FROM outbox ob WHERE ob.order_id = o.id ORDER BY ob.id) AS steps,
+       ARRAY(SELECT ob.step FROM outbox ob
+              WHERE ob.order_id = o.id AND ob.step = ANY(%(effectful)s::text[])
+                AND (ob.status = 'in_flight'
+                     OR (ob.status = 'pending' AND ob.payload @> '{"unsettled": true}'))
+              ORDER BY ob.id) AS unsettled,
        COALESCE(
            (SELECT json_agg(json_build_object(
                         'from_state', h.from_state, 'to_state', h.to_state,
@@ -224,8 +250,7 @@ SELECT o.id, o.state,
            '[]'::json) AS history
   FROM orders o
  WHERE o.id = ANY(%(order_ids)s)
- ORDER BY o.id
-   FOR UPDATE OF o;
+ ORDER BY o.id;
 
 -- transition_orders --
 -- Move a batch of orders, each guarded by its old state; record their history and emitted outbox rows; one NOTIFY
@@ -254,3 +279,10 @@ WITH input AS (
 SELECT (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM emitted) AS emitted,
        (SELECT pg_notify('orderflow_outbox', '') WHERE EXISTS (SELECT 1 FROM emitted)) AS notified;
+
+-- demo_expire_reservation --
+-- The demo's fast-forward: one order's reservation expires now (instead of in 15 minutes)
+UPDATE reservations
+   SET expires_at = created_at + interval '1 microsecond'
+ WHERE order_id = %(order_id)s AND consumed_at IS NULL AND released_at IS NULL
+RETURNING order_id;

@@ -29,17 +29,41 @@ SELECT c.*,
                (SELECT json_agg(json_build_object('sku', l.sku, 'qty', l.qty) ORDER BY l.sku)
                   FROM order_lines l WHERE l.order_id = ord.id),
                '[]'::json),
-           'payment_intent_id', pay.provider_ref,
+           'created_epoch', floor(extract(epoch FROM ord.created_at))::bigint,
+           'payment_intent_id', COALESCE(pi.id, pay.provider_ref),
+           'intent_status', pi.status,
            'captured_cents', pay.amount_cents,
            'shipment_id', shp.carrier_ref,
            'tracking_number', shp.tracking_number
        ) AS context
   FROM claimed c
   JOIN orders ord ON ord.id = c.order_id
+  LEFT JOIN payment_intents pi ON pi.order_id = c.order_id
   LEFT JOIN payments pay
          ON pay.order_id = c.order_id AND pay.kind = 'charge' AND pay.status = 'succeeded'
   LEFT JOIN shipments shp ON shp.order_id = c.order_id AND shp.kind = 'outbound'
  ORDER BY c.id;
+
+-- checkpoint_outbox_row --
+-- Durably note what a step learned mid-call (a PaymentIntent's id, a new key) before its next call; with states, only while the order is in one of them (its row share-locked until commit, so an expiry waits for us and then sees the note); says whether the lease and the state held
+WITH ord AS (
+    SELECT id FROM orders
+     WHERE id = %(order_id)s
+       AND (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))
+       FOR SHARE
+), leased AS (
+    SELECT id FROM outbox
+     WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
+), saved AS (
+    UPDATE outbox o
+       SET payload = o.payload || %(memory)s
+      FROM leased, ord
+     WHERE o.id = leased.id
+ RETURNING o.id
+)
+SELECT EXISTS (SELECT 1 FROM leased) AS leased,
+       EXISTS (SELECT 1 FROM ord) AS in_state,
+       EXISTS (SELECT 1 FROM saved) AS saved;
 
 -- retry_outbox_row --
 -- Put a claimed row back to pending after a transient failure, due after the backoff
@@ -52,18 +76,19 @@ UPDATE outbox
 RETURNING id;
 
 -- dead_outbox_row --
--- Dead-letter a claimed row: it waits for an operator
+-- Dead-letter a claimed row: it waits for an operator (what the step learned stays in its payload)
 UPDATE outbox
-   SET status = 'dead', lease_owner = NULL, lease_until = NULL, last_error = %(error)s
+   SET status = 'dead', lease_owner = NULL, lease_until = NULL, last_error = %(error)s,
+       payload = payload || %(payload)s
  WHERE id = %(id)s AND status = 'in_flight' AND lease_owner = %(owner)s AND fence = %(fence)s
 RETURNING id;
 
 -- release_outbox_rows --
--- On shutdown: give our unfinished rows back at once (the attempt does not count, but its call may still have reached the provider)
+-- On shutdown: give our unfinished rows back at once (the attempt does not count, but its call may still have reached the provider: its outcome is unknown)
 UPDATE outbox
    SET status = 'pending', lease_owner = NULL, lease_until = NULL, available_at = now(),
        attempts = GREATEST(attempts - 1, 0),
-       payload = payload || '{"maybe_called": true}'
+       payload = payload || '{"unsettled": true}'
  WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND lease_owner = %(owner)s
 RETURNING id;
 
@@ -75,10 +100,12 @@ UPDATE outbox
 RETURNING id;
 
 -- redrive_outbox_row --
--- Operator: a dead row goes back to pending with a fresh attempt budget
+-- Operator: a dead row goes back to pending with a fresh attempt budget (what it learned, keys and unknown outcomes included, stays)
 UPDATE outbox
    SET status = 'pending', attempts = 0, available_at = now(), lease_owner = NULL,
-       lease_until = NULL
+       lease_until = NULL,
+       payload = (payload - 'not_done' - 'unknowns' - 'crashes' - 'throttled' - 'polls')
+                 || '{"last_attempt": 0}'
  WHERE id = %(id)s AND status = 'dead'
 RETURNING id, order_id, step;
 
@@ -92,12 +119,12 @@ SELECT id, order_id, step, status, attempts, available_at, lease_owner, last_err
  LIMIT %(limit)s;
 
 -- expired_reservations --
--- Orders still reserved whose reservation has expired (locked, skipping ones being worked on)
+-- Orders still waiting for their payment whose reservation has expired (locked, skipping ones being worked on)
 SELECT o.id
   FROM reservations r
   JOIN orders o ON o.id = r.order_id
  WHERE r.expires_at < now() AND r.consumed_at IS NULL AND r.released_at IS NULL
-   AND o.state = 'reserved'
+   AND o.state IN ('reserved', 'awaiting_payment')
  ORDER BY r.expires_at
  LIMIT %(limit)s
    FOR UPDATE OF o SKIP LOCKED;

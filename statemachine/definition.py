@@ -13,6 +13,9 @@ from enum import StrEnum
 
 class OrderState(StrEnum):
     RESERVED = "reserved"
+    # Stripe needs the customer (3-D Secure: `requires_action`) or the bank (a
+    # debit `processing`) before the payment settles.
+    AWAITING_PAYMENT = "awaiting_payment"
     PAID = "paid"
     SHIPPED = "shipped"
     CONFIRMED = "confirmed"
@@ -41,9 +44,14 @@ class StepKind(StrEnum):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int
+    max_attempts: int  # definite failures ("not done") before the step fails for good
     base_delay_s: float
     max_delay_s: float
+    # Outcomes that leave the truth unknown are asked about and replayed, never
+    # failed: an outage (5xx, timeouts, a key in flight) for as long as it lasts;
+    # answers we cannot read (or a worker dying on the row) this many times, then
+    # the row goes to an operator instead of looping for ever.
+    max_unreadable: int = 20
 
 
 # The seed workflow's policy for charge_payment: 3 attempts, exponential backoff.
@@ -52,6 +60,9 @@ FORWARD_RETRY = RetryPolicy(max_attempts=3, base_delay_s=1.0, max_delay_s=30.0)
 COMPENSATION_RETRY = RetryPolicy(max_attempts=8, base_delay_s=1.0, max_delay_s=300.0)
 # Steps with no failure edge retry longer, then dead-letter.
 PATIENT_RETRY = RetryPolicy(max_attempts=8, base_delay_s=2.0, max_delay_s=600.0)
+# Polling a PaymentIntent that waits for the customer or the bank: the webhook
+# usually answers first; this is the fallback.  Polls are not failures.
+POLL_RETRY = RetryPolicy(max_attempts=8, base_delay_s=2.0, max_delay_s=300.0, max_unreadable=200)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,11 @@ class Step:
     retry: RetryPolicy
     compensation: str | None = None  # step that undoes this one
     compensates: str | None = None  # for a compensation: the step it undoes
+    # A forward step whose effect can exist at the provider without our
+    # knowing (a lost answer): while its outcome is unknown, no compensation of
+    # the order starts; once the order has moved on, the step only finds out
+    # what happened and reports it ("settles"), it never starts its effect.
+    effectful: bool = False
 
 
 STEPS: tuple[Step, ...] = (
@@ -80,6 +96,17 @@ STEPS: tuple[Step, ...] = (
         on_failure="payment_failed",
         retry=FORWARD_RETRY,
         compensation="refund_payment",
+        effectful=True,
+    ),
+    # The PaymentIntent waits for the customer (3-D Secure) or the bank: poll it
+    # until Stripe says how it ended (webhooks usually say it first).
+    Step(
+        "await_payment",
+        StepKind.PAYMENT,
+        OrderState.AWAITING_PAYMENT,
+        on_success="payment_captured",
+        on_failure="payment_failed",
+        retry=POLL_RETRY,
     ),
     Step(
         "ship_order",
@@ -89,6 +116,7 @@ STEPS: tuple[Step, ...] = (
         on_failure="shipment_failed",
         retry=FORWARD_RETRY,
         compensation="cancel_shipment",
+        effectful=True,
     ),
     Step(
         "send_confirmation",
@@ -134,6 +162,8 @@ STEPS: tuple[Step, ...] = (
         retry=COMPENSATION_RETRY,
         compensates="ship_order",
     ),
+    # Undoes whatever the PaymentIntent came to: cancels it if nothing was
+    # taken (no money moves), refunds what was taken, waits while it processes.
     Step(
         "refund_payment",
         StepKind.PAYMENT,
@@ -155,30 +185,33 @@ STEPS: tuple[Step, ...] = (
 )
 STEPS_BY_NAME: dict[str, Step] = {s.name: s for s in STEPS}
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
+EFFECTFUL_STEPS: tuple[str, ...] = tuple(s.name for s in STEPS if s.effectful)
 
 
 @dataclass(frozen=True)
 class ForwardAction:
     """A forward action of the saga that may need undoing, in saga order.
 
-    It counts as done when the order's history holds `done_by_event`, or when a
-    history row's detail lists it under `effects_done` (a step that failed
-    after part of its effect happened, e.g. a label bought but no pickup).
+    It counts as done when the order's history holds one of `done_by_events`,
+    or when a history row's detail lists it under `effects_done`.
     """
 
     name: str
-    done_by_event: str  # the event whose history row proves it happened
+    done_by_events: tuple[str, ...]  # events whose history row proves it happened
     compensation: str
 
 
 # Saga order matters: compensations run in the reverse of this order.
 FORWARD_ACTIONS: tuple[ForwardAction, ...] = (
-    ForwardAction("reserve_inventory", "place", "release_inventory"),
-    ForwardAction("charge_payment", "payment_captured", "refund_payment"),
-    ForwardAction("ship_order", "shipment_created", "cancel_shipment"),
+    ForwardAction("reserve_inventory", ("place",), "release_inventory"),
+    # A PaymentIntent that waits for the customer or the bank can still take
+    # the money: it needs undoing (cancelling) as much as a capture (refunding).
+    ForwardAction("charge_payment", ("payment_captured", "payment_pending"), "refund_payment"),
+    ForwardAction("ship_order", ("shipment_created",), "cancel_shipment"),
 )
 
-# Marker in `Transition.emits`: "the next compensation the order still owes".
+# Marker in `Transition.emits`: "the next compensation the order still owes"
+# (none while a compensation runs or a step's outcome is still unknown).
 NEXT_COMPENSATION = "<next compensation>"
 
 # The event that creates an order; it has no source state.
@@ -197,23 +230,63 @@ class Transition:
 
 S = OrderState
 
+# What an effectful forward step reports once the order has moved on: what it
+# found happened (or that nothing did).
+SETTLE_EVENTS: tuple[str, ...] = (
+    "payment_captured",
+    "payment_pending",
+    "payment_failed",
+    "shipment_created",
+    "shipment_failed",
+)
+
+# States a dead letter can stop an order in, and where a dispute takes a settled
+# order to an operator; `redrive` takes it back.
+DEAD_LETTER_STATES: tuple[OrderState, ...] = (
+    S.RESERVED,
+    S.AWAITING_PAYMENT,
+    S.PAID,
+    S.SHIPPED,
+    S.RETURN_REQUESTED,
+    S.RETURNED,
+    S.COMPENSATING,
+)
+DISPUTE_TO_OPERATOR_STATES: tuple[OrderState, ...] = (
+    S.CONFIRMED,
+    S.AWAITING_RETURN,
+    S.RETURNED,
+    S.CANCELLED,
+)
+
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(PLACE_EVENT, None, S.RESERVED, ("charge_payment",), note="reserve_inventory"),
     # charge_payment
     Transition("payment_captured", S.RESERVED, S.PAID, ("ship_order",)),
+    Transition("payment_pending", S.RESERVED, S.AWAITING_PAYMENT, ("await_payment",)),
     Transition("payment_failed", S.RESERVED, S.COMPENSATING, (NEXT_COMPENSATION,)),
     Transition("reservation_expired", S.RESERVED, S.COMPENSATING, (NEXT_COMPENSATION,)),
-    # A capture that lands after the order left `reserved` (the reservation
-    # expired while the charge was in flight) must be refunded, never kept.
-    # While a compensation is pending the capture is only recorded: the next
-    # `compensation_done` picks up the refund.
-    Transition(
-        "payment_captured",
-        S.COMPENSATING,
-        S.COMPENSATING,
-        conditions=("not_captured_yet",),
-        note="late capture",
+    # 3-D Secure or a bank debit: Stripe says how it ends (webhook or poll).
+    Transition("payment_captured", S.AWAITING_PAYMENT, S.PAID, ("ship_order",)),
+    Transition("payment_pending", S.AWAITING_PAYMENT, S.AWAITING_PAYMENT, note="status changed"),
+    Transition("payment_failed", S.AWAITING_PAYMENT, S.COMPENSATING, (NEXT_COMPENSATION,)),
+    # The reservation bounds the wait for the customer: the PaymentIntent is
+    # cancelled at Stripe (refund_payment) before the stock is released.
+    Transition("reservation_expired", S.AWAITING_PAYMENT, S.COMPENSATING, (NEXT_COMPENSATION,)),
+    # An effectful step settling after the order moved on (its reservation
+    # expired while the call's answer was lost, say): what it found is owed and
+    # the compensation that waited for it starts.  A capture is recorded once.
+    *(
+        Transition(
+            event,
+            S.COMPENSATING,
+            S.COMPENSATING,
+            (NEXT_COMPENSATION,),
+            conditions=("not_captured_yet",) if event == "payment_captured" else (),
+            note="settled late",
+        )
+        for event in SETTLE_EVENTS
     ),
+    # Money that arrives for a cancelled order is given back, never kept.
     Transition(
         "payment_captured",
         S.CANCELLED,
@@ -249,19 +322,27 @@ TRANSITIONS: tuple[Transition, ...] = (
         S.COMPENSATING,
         S.COMPENSATING,
         (NEXT_COMPENSATION,),
-        conditions=("compensations_remain",),
+        conditions=("work_remains",),
     ),
     Transition(
         "compensation_done",
         S.COMPENSATING,
         S.CANCELLED,
-        conditions=("no_compensations_remain",),
+        conditions=("no_work_remains",),
     ),
     # Dead letters: the order waits for an operator, who re-drives the row
     # (`orderflow outbox retry`); the order goes back where it was.
+    *(Transition("step_dead_lettered", state, S.NEEDS_ATTENTION) for state in DEAD_LETTER_STATES),
+    # A dispute (Stripe `charge.dispute.created`) is a person's matter: a settled
+    # order goes to an operator; one still working records it and carries on.
     *(
-        Transition("step_dead_lettered", state, S.NEEDS_ATTENTION)
-        for state in (S.SHIPPED, S.RETURN_REQUESTED, S.RETURNED, S.COMPENSATING)
+        Transition("dispute_opened", state, S.NEEDS_ATTENTION)
+        for state in DISPUTE_TO_OPERATOR_STATES
+    ),
+    *(
+        Transition("dispute_opened", state, state, note="recorded")
+        for state in OrderState
+        if state not in DISPUTE_TO_OPERATOR_STATES
     ),
     *(
         Transition(
@@ -270,7 +351,7 @@ TRANSITIONS: tuple[Transition, ...] = (
             state,
             conditions=(f"resumes_{state.value}",),
         )
-        for state in (S.SHIPPED, S.RETURN_REQUESTED, S.RETURNED, S.COMPENSATING)
+        for state in dict.fromkeys((*DEAD_LETTER_STATES, *DISPUTE_TO_OPERATOR_STATES))
     ),
 )
 
@@ -313,6 +394,8 @@ WORKFLOW_NODES: tuple[WorkflowNode, ...] = (
 
 # How long an order may sit in a state before it counts as stuck.  The seed
 # gives the reservation step 30 minutes; the others are ours.
+# `awaiting_payment` has none: the customer's 3-D Secure is bounded by the
+# reservation, and a bank debit takes days.
 STATE_TIMEOUT_MINUTES: dict[OrderState, int] = {
     OrderState.RESERVED: 30,
     OrderState.PAID: 30,

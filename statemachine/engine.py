@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from orderflow import failpoints
 from sql import QUERIES, atomic
+from statemachine.definition import EFFECTFUL_STEPS
 from statemachine.errors import OrderNotFound, StaleState
 from statemachine.machine import HistoryEntry, Outcome, decide, facts_from_history
 
@@ -40,15 +41,22 @@ def advance_many(
     conn: psycopg.Connection[Any], moves: Sequence[tuple[str, str, Mapping[str, Any]]]
 ) -> list[Outcome]:
     """`advance` for a batch of (order id, event, detail), one order at most once
-    (`advance` is a batch of one): one statement locks them all, one moves them
-    all.  All or nothing: any order that cannot move raises and nothing is written."""
+    (`advance` is a batch of one): one statement locks them all, one reads their
+    facts, one moves them all.  All or nothing: any order that cannot move raises
+    and nothing is written."""
     order_ids = [order_id for order_id, _, _ in moves]
     if len(set(order_ids)) != len(order_ids):
         raise ValueError("advance_many: an order appears twice in one batch")
     with atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        # Lock first, then read: a statement that had to wait for a lock still
+        # sees the snapshot it started with, and would decide on stale history.
+        cur.execute(QUERIES["lock_orders"], {"order_ids": order_ids})
         locked = {
             r["id"]: r
-            for r in cur.execute(QUERIES["lock_orders"], {"order_ids": order_ids}).fetchall()
+            for r in cur.execute(
+                QUERIES["order_facts"],
+                {"order_ids": order_ids, "effectful": list(EFFECTFUL_STEPS)},
+            ).fetchall()
         }
         outcomes = []
         for order_id, event, detail in moves:
@@ -76,12 +84,13 @@ def advance_many(
 
 
 def _decide_locked(row: Mapping[str, Any], event: str, detail: Mapping[str, Any]) -> Outcome:
-    """Decide `event` for an order row read by lock_order(s) (state, history, steps)."""
+    """Decide `event` for an order row read by order_facts (state, history, steps)."""
     facts = facts_from_history(
         (
             HistoryEntry(h["from_state"], h["to_state"], h["event"], h["detail"] or {})
             for h in row["history"]
         ),
         emitted_steps=row["steps"],
+        unsettled_steps=row["unsettled"],
     )
     return decide(row["state"], event, facts, detail, order_id=row["id"])

@@ -34,16 +34,16 @@ class HistoryEntry:
 
 @dataclass
 class OrderFacts:
-    """What the order has done so far, read from its history."""
+    """What the order has done so far, read from its history (and its outbox)."""
 
     done_actions: set[str] = field(default_factory=set)
     done_compensations: list[str] = field(default_factory=list)
     resume_state: str | None = None  # where a re-drive takes it back to
+    captured: bool = False  # a payment_captured is recorded
     emitted_steps: frozenset[str] = frozenset()  # steps that already have an outbox row
-
-    @property
-    def captured(self) -> bool:
-        return "charge_payment" in self.done_actions
+    # Effectful steps whose outcome is still unknown (a call in flight, or an
+    # answer lost): no compensation starts until each has settled.
+    unsettled_steps: frozenset[str] = frozenset()
 
     def owed_compensations(self) -> list[str]:
         """Compensations still owed, newest forward action first."""
@@ -54,14 +54,37 @@ class OrderFacts:
             and action.compensation not in self.done_compensations
         ]
 
+    def running_compensations(self) -> list[str]:
+        """Owed compensations whose outbox row exists: started, not done."""
+        return [c for c in self.owed_compensations() if c in self.emitted_steps]
 
-_DONE_BY_EVENT = {action.done_by_event: action.name for action in FORWARD_ACTIONS}
+    def copy(self) -> OrderFacts:
+        return OrderFacts(
+            set(self.done_actions),
+            list(self.done_compensations),
+            self.resume_state,
+            self.captured,
+            self.emitted_steps,
+            self.unsettled_steps,
+        )
+
+
+_DONE_BY_EVENT = {
+    event: action.name for action in FORWARD_ACTIONS for event in action.done_by_events
+}
+_FORWARD_NAMES = frozenset(a.name for a in FORWARD_ACTIONS)
+# Events that send an order to an operator, remembering where it was.
+_TO_OPERATOR = frozenset({"step_dead_lettered", "dispute_opened"})
 
 
 def facts_from_history(
-    history: Iterable[HistoryEntry], emitted_steps: Iterable[str] = ()
+    history: Iterable[HistoryEntry],
+    emitted_steps: Iterable[str] = (),
+    unsettled_steps: Iterable[str] = (),
 ) -> OrderFacts:
-    facts = OrderFacts(emitted_steps=frozenset(emitted_steps))
+    facts = OrderFacts(
+        emitted_steps=frozenset(emitted_steps), unsettled_steps=frozenset(unsettled_steps)
+    )
     for entry in history:
         _apply_to_facts(facts, entry)
     return facts
@@ -70,22 +93,30 @@ def facts_from_history(
 def _apply_to_facts(facts: OrderFacts, entry: HistoryEntry) -> None:
     if entry.event in _DONE_BY_EVENT:
         facts.done_actions.add(_DONE_BY_EVENT[entry.event])
+    # A capture is recorded by its own event, or found and refunded by the
+    # compensation that undoes the payment (detail `captured`).
+    if entry.event == "payment_captured" or (
+        entry.event == "compensation_done" and entry.detail.get("captured")
+    ):
+        facts.captured = True
     for partial in entry.detail.get("effects_done", ()):
-        if partial in {a.name for a in FORWARD_ACTIONS}:
+        if partial in _FORWARD_NAMES:
             facts.done_actions.add(partial)
     if entry.event == "compensation_done" and "step" in entry.detail:
         facts.done_compensations.append(str(entry.detail["step"]))
-    if entry.event == "step_dead_lettered":
+    if entry.event in _TO_OPERATOR and entry.to_state != entry.from_state:
         facts.resume_state = entry.from_state
 
 
 class _OrderModel:
     """What the Machine sees of one order for the length of one event."""
 
-    def __init__(self, facts: OrderFacts, owed_after: list[str]) -> None:
+    def __init__(self, facts: OrderFacts, next_compensation: str | None, work_after: bool) -> None:
         self.facts = facts
-        # compensations owed once this event is recorded, not yet started
-        self.owed_after = owed_after
+        # the compensation to start once this event is recorded, if any may start
+        self.next_compensation = next_compensation
+        # anything owed, running or unknown once this event is recorded
+        self.work_after = work_after
         self.matched: Transition | None = None
         self.state: str
         self.trigger: Callable[[str], bool]  # added by Machine.add_model
@@ -100,12 +131,13 @@ def _not_captured_yet(ev: EventData) -> bool:
     return not _model(ev).facts.captured
 
 
-def _compensations_remain(ev: EventData) -> bool:
-    return bool(_model(ev).owed_after)
+def _work_remains(ev: EventData) -> bool:
+    """Something is still owed, running or unknown once this event is recorded."""
+    return _model(ev).work_after
 
 
-def _no_compensations_remain(ev: EventData) -> bool:
-    return not _model(ev).owed_after
+def _no_work_remains(ev: EventData) -> bool:
+    return not _model(ev).work_after
 
 
 def _resumes(state: OrderState) -> Callable[[EventData], bool]:
@@ -118,8 +150,8 @@ def _resumes(state: OrderState) -> Callable[[EventData], bool]:
 
 CONDITIONS: dict[str, Callable[[EventData], bool]] = {
     "not_captured_yet": _not_captured_yet,
-    "compensations_remain": _compensations_remain,
-    "no_compensations_remain": _no_compensations_remain,
+    "work_remains": _work_remains,
+    "no_work_remains": _no_work_remains,
     **{f"resumes_{s.value}": _resumes(s) for s in OrderState},
 }
 
@@ -184,15 +216,22 @@ def decide(
     detail = detail or {}
     if event == "compensation_done" and state == OrderState.COMPENSATING:
         # Only the compensation whose outbox row is in flight can have finished.
-        in_flight = [c for c in facts.owed_compensations() if c in facts.emitted_steps]
+        in_flight = facts.running_compensations()
         if detail.get("step") not in in_flight:
             raise InvalidEventDetail(
                 order_id, event, f"step {detail.get('step')!r} is not running; running: {in_flight}"
             )
-    after = OrderFacts(set(facts.done_actions), list(facts.done_compensations), facts.resume_state)
+    after = facts.copy()
     _apply_to_facts(after, HistoryEntry(state, "", event, detail))
-    owed_after = [c for c in after.owed_compensations() if c not in facts.emitted_steps]
-    model = _OrderModel(facts, owed_after)
+    owed = after.owed_compensations()
+    running = [c for c in owed if c in facts.emitted_steps]
+    waiting = [c for c in owed if c not in facts.emitted_steps]
+    # One compensation at a time, and none while a step's effect is unknown:
+    # compensating blind could keep money that was taken or release stock sold.
+    may_start = not running and not after.unsettled_steps
+    next_compensation = waiting[0] if waiting and may_start else None
+    work_after = bool(owed) or bool(after.unsettled_steps)
+    model = _OrderModel(facts, next_compensation, work_after)
     with _MACHINE_LOCK:
         MACHINE.add_model(model, initial=state)
         try:
@@ -204,14 +243,14 @@ def decide(
     if not fired or model.matched is None:
         raise IllegalTransition(order_id, state, event)
     row = model.matched
-    emits = tuple(_expand_emits(row.emits, model.owed_after))
+    emits = tuple(_expand_emits(row.emits, model.next_compensation))
     return Outcome(OrderState(state), row.dest, emits, row)
 
 
-def _expand_emits(emits: Iterable[str], owed_after: list[str]) -> Iterable[str]:
+def _expand_emits(emits: Iterable[str], next_compensation: str | None) -> Iterable[str]:
     for step in emits:
         if step == NEXT_COMPENSATION:
-            if owed_after:
-                yield owed_after[0]
+            if next_compensation is not None:
+                yield next_compensation
         else:
             yield step

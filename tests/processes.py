@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -66,8 +67,19 @@ def place_many(
     *,
     decline_every: int = 10,
     start: int = 0,
+    waiting_methods: tuple[str, ...] = (),
 ) -> list[str]:
-    """n orders of one unit each, every `decline_every`-th with a card that is declined."""
+    """n orders of one unit each, every `decline_every`-th with a card that is declined;
+    with `waiting_methods`, the ones after a declined one pay with those in turn
+    (a 3-D Secure card, a bank debit): they wait for the customer or the bank."""
+
+    def method(i: int) -> str:
+        if i % decline_every == decline_every - 1:
+            return DECLINED_CARD
+        if waiting_methods and i % decline_every == 0:
+            return waiting_methods[(i // decline_every) % len(waiting_methods)]
+        return "pm_card_visa"
+
     add_stock(conn, sku, n * 2)
     return [
         create_order(
@@ -76,14 +88,50 @@ def place_many(
             lines=[LineRequest(sku, 1)],
             shipping_address=ADDRESS,
             email="buyer@example.com",
-            payment_method_id=DECLINED_CARD
-            if i % decline_every == decline_every - 1
-            else "pm_card_visa",
+            payment_method_id=method(i),
             idempotency_key=f"k-{i}",
             ttl_seconds=900,
         ).id
         for i in range(start, start + n)
     ]
+
+
+class Customers:
+    """Customers at the bank's 3-D Secure page: each order waiting for them is
+    authenticated (one in `fail_every` fails) by a background thread."""
+
+    def __init__(self, url: str, sandbox: Any, fail_every: int = 5) -> None:
+        self.url, self.sandbox, self.fail_every = url, sandbox, fail_every
+        self.handled: set[str] = set()
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Customers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(0.1):
+                rows = conn.execute(
+                    "SELECT pi.id FROM payment_intents pi JOIN orders o ON o.id = pi.order_id"
+                    " WHERE o.state = 'awaiting_payment' AND pi.status = 'requires_action'"
+                ).fetchall()
+                for (intent_id,) in rows:
+                    if intent_id in self.handled:
+                        continue
+                    self.handled.add(intent_id)
+                    fail = len(self.handled) % self.fail_every == 0
+                    self.failed += fail
+                    try:
+                        self.sandbox.authenticate(intent_id, "fail" if fail else "complete")
+                    except Exception:  # the sandbox is busy with a storm: try again later
+                        self.handled.discard(intent_id)
 
 
 def wait_settled(conn: psycopg.Connection[Any], ids: list[str], timeout_s: float) -> None:

@@ -36,6 +36,42 @@ class SandboxClient:
         response.raise_for_status()
         return list(response.json()["effects"])
 
+    def config(self, **settings: Any) -> dict[str, Any]:
+        """Merge settings into the sandbox's config (key window, search lag, webhooks...)."""
+        response = httpx.post(f"{self.url}/_sandbox/config", json=settings)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def advance_clock(self, seconds: float) -> None:
+        httpx.post(f"{self.url}/_sandbox/clock", json={"advance_s": seconds}).raise_for_status()
+
+    def intents(self, order_id: str | None = None) -> list[dict[str, Any]]:
+        """The sandbox's own view of its PaymentIntents (every one, for an order)."""
+        params = {"order_id": order_id} if order_id else {}
+        response = httpx.get(f"{self.url}/_sandbox/payment_intents", params=params)
+        response.raise_for_status()
+        return list(response.json()["payment_intents"])
+
+    def authenticate(self, intent_id: str, result: str = "complete") -> httpx.Response:
+        """Play the customer at the bank's 3-D Secure page."""
+        return httpx.post(f"{self.url}/_sandbox/3ds/{intent_id}", data={"result": result})
+
+    def settle(self, intent_id: str, outcome: str = "succeeded") -> httpx.Response:
+        """The bank settles a processing debit now."""
+        return httpx.post(
+            f"{self.url}/_sandbox/payment_intents/{intent_id}/settle", json={"outcome": outcome}
+        )
+
+    def dispute(self, intent_id: str) -> None:
+        httpx.post(
+            f"{self.url}/_sandbox/disputes", json={"payment_intent": intent_id}
+        ).raise_for_status()
+
+    def events(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/_sandbox/events")
+        response.raise_for_status()
+        return list(response.json()["events"])
+
     def provider_config(self, timeout_s: float = 1.0) -> ProviderConfig:
         return ProviderConfig(
             stripe_api_key="sk_test_orderflow",

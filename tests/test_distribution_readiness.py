@@ -17,6 +17,7 @@ PER_ORDER_TABLES = (
     "order_history",
     "outbox",
     "payments",
+    "payment_intents",
     "shipments",
     "reservations",
 )
@@ -28,6 +29,7 @@ MUST_CHANGE_UNIQUES = {
     "pk_payments",
     "pk_shipments",
     "uq_outbox_idempotency_key",
+    "uq_payment_intents_id",
 }
 # Foreign keys that cross co-location groups and must go.
 MUST_CHANGE_FKS = {
@@ -36,6 +38,7 @@ MUST_CHANGE_FKS = {
     "fk_cart_lines_sku_products",
     "fk_stock_ledger_order_id_orders",
     "fk_idempotency_keys_order_id_orders",
+    "fk_stripe_events_order_id_orders",
 }
 
 
@@ -97,7 +100,7 @@ def test_only_the_listed_foreign_keys_cross_colocation_groups(conn: Any) -> None
     ).fetchall()
     group = {t: "order" for t in ("orders", *PER_ORDER_TABLES)}
     group |= {"products": "sku", "stock_ledger": "sku", "carts": "cart", "cart_lines": "cart"}
-    group |= {"idempotency_keys": "user"}
+    group |= {"idempotency_keys": "user", "stripe_events": "event"}
     crossing = {r["conname"] for r in rows if group[r["src"]] != group[r["dst"]]}
     assert crossing == MUST_CHANGE_FKS
 

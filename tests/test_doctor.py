@@ -46,7 +46,7 @@ def test_clean_after_real_sagas_and_each_check_can_fail(
     cli = [sys.executable, "-m", "orderflow.cli", "doctor", "--sandbox", sandbox.url]
     result = subprocess.run(cli, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("[pass]") == 9
+    assert result.stdout.count("[pass]") == 10
 
     # a unit of stock appears from nowhere
     conn.execute("UPDATE products SET available = available + 1 WHERE sku = 'MUG-01'")
@@ -96,6 +96,10 @@ def test_clean_after_real_sagas_and_each_check_can_fail(
         effects[0]["idempotency_key"]
     ]
     assert "y" in failing["provider charges match recorded payments"]
+    # the refund of the refused parcel never reached the provider: money kept at Stripe
+    unrefunded = [e for e in effects if (e["kind"], e["order_id"]) != ("refund", ids["refused"])]
+    kept = _failing(conn, unrefunded)["no cancelled or returned order keeps money at the provider"]
+    assert [k.split()[0] for k in kept] == [ids["refused"]]
     assert _failing(conn, effects) == {}
 
 

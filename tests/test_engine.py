@@ -28,6 +28,10 @@ EXPIRE: Ev = ("reservation_expired", {})
 DEAD: Ev = ("step_dead_lettered", {})
 REDRIVE: Ev = ("redrive", {})
 RETURNED: list[Ev] = [PC, SC, CS, RR, RLC, ("return_received", {})]
+PP: Ev = ("payment_pending", {"payment_intent_id": "pi_1", "intent_status": "requires_action"})
+FAILED: Ev = ("payment_failed", {})
+DISPUTE: Ev = ("dispute_opened", {"dispute_id": "dp_1"})
+CANCELLED: list[Ev] = [EXPIRE, ("compensation_done", {"step": "release_inventory"})]
 
 
 def done(step: str) -> Ev:
@@ -81,6 +85,42 @@ CASES: list[tuple[list[Ev], Ev, str, str, list[str]]] = [
     ([PC, SC, CS, RR], DEAD, "return_requested", "needs_attention", []),
     ([*RETURNED], DEAD, "returned", "needs_attention", []),
     ([EXPIRE], DEAD, "compensating", "needs_attention", []),
+    # 3-D Secure and bank debits: the intent waits for the customer or the bank
+    ([], PP, "reserved", "awaiting_payment", ["await_payment"]),
+    ([PP], PC, "awaiting_payment", "paid", ["ship_order"]),
+    ([PP], PP, "awaiting_payment", "awaiting_payment", []),
+    # the open intent is cancelled (refund_payment) before the stock is released
+    ([PP], FAILED, "awaiting_payment", "compensating", ["refund_payment"]),
+    ([PP], EXPIRE, "awaiting_payment", "compensating", ["refund_payment"]),
+    # an effectful step settling after the order moved on (a compensation runs:
+    # what it adds waits for it)
+    ([EXPIRE], PP, "compensating", "compensating", []),
+    ([EXPIRE], FAILED, "compensating", "compensating", []),
+    ([EXPIRE], SC, "compensating", "compensating", []),
+    ([EXPIRE], ("shipment_failed", {}), "compensating", "compensating", []),
+    # poison answers: dead letters from the forward states, and back
+    ([], DEAD, "reserved", "needs_attention", []),
+    ([PP], DEAD, "awaiting_payment", "needs_attention", []),
+    ([PC], DEAD, "paid", "needs_attention", []),
+    ([DEAD], REDRIVE, "needs_attention", "reserved", []),
+    ([PP, DEAD], REDRIVE, "needs_attention", "awaiting_payment", []),
+    ([PC, DEAD], REDRIVE, "needs_attention", "paid", []),
+    # disputes: a settled order goes to an operator, a working one records it
+    ([PC, SC, CS], DISPUTE, "confirmed", "needs_attention", []),
+    ([PC, SC, CS, RR, RLC], DISPUTE, "awaiting_return", "needs_attention", []),
+    ([*RETURNED], DISPUTE, "returned", "needs_attention", []),
+    ([*CANCELLED], DISPUTE, "cancelled", "needs_attention", []),
+    ([], DISPUTE, "reserved", "reserved", []),
+    ([PP], DISPUTE, "awaiting_payment", "awaiting_payment", []),
+    ([PC], DISPUTE, "paid", "paid", []),
+    ([PC, SC], DISPUTE, "shipped", "shipped", []),
+    ([PC, SC, CS, RR], DISPUTE, "return_requested", "return_requested", []),
+    ([EXPIRE], DISPUTE, "compensating", "compensating", []),
+    ([EXPIRE, DEAD], DISPUTE, "needs_attention", "needs_attention", []),
+    ([PC, SC, CS, DISPUTE], REDRIVE, "needs_attention", "confirmed", []),
+    ([PC, SC, CS, RR, RLC, DISPUTE], REDRIVE, "needs_attention", "awaiting_return", []),
+    ([*CANCELLED, DISPUTE], REDRIVE, "needs_attention", "cancelled", []),
+    ([EXPIRE, DEAD, DISPUTE], REDRIVE, "needs_attention", "compensating", []),
     ([PC, SC, DEAD], REDRIVE, "needs_attention", "shipped", []),
     ([PC, SC, CS, RR, DEAD], REDRIVE, "needs_attention", "return_requested", []),
     ([*RETURNED, DEAD], REDRIVE, "needs_attention", "returned", []),
@@ -312,3 +352,84 @@ def test_many_connections_free_for_all(db_url: str, conn: psycopg.Connection[Any
         snap = snapshot(conn, order_id)
         _assert_path(snap["history"])
         assert snap["history"][-1]["to_state"] == snap["state"]["state"]
+
+
+def _charge_in_flight(conn: psycopg.Connection[Any], order_id: str) -> None:
+    """A worker has claimed the order's charge: its outcome is unknown until it commits."""
+    conn.execute(
+        "UPDATE outbox SET status = 'in_flight', lease_owner = 'w', attempts = 1,"
+        " lease_until = now() + interval '1 minute'"
+        " WHERE order_id = %s AND step = 'charge_payment'",
+        (order_id,),
+    )
+
+
+def _charge_done(conn: psycopg.Connection[Any], order_id: str) -> None:
+    conn.execute(
+        "UPDATE outbox SET status = 'done', done_at = now(), lease_owner = NULL,"
+        " lease_until = NULL WHERE order_id = %s AND step = 'charge_payment'",
+        (order_id,),
+    )
+
+
+def test_no_compensation_starts_while_a_charge_may_have_happened(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """The reservation expires while the charge's call is in flight: nothing is
+    released (the money may have been taken) until the charge reports back."""
+    order = place(conn)
+    _charge_in_flight(conn, order.id)
+    advance(conn, order.id, "reservation_expired")
+    assert state_of(conn, order.id) == "compensating"
+    assert outbox_steps(conn, order.id) == ["charge_payment"]  # nothing compensates yet
+    # the same for a row whose answer was lost (pending again, marked unsettled)
+    conn.execute(
+        "UPDATE outbox SET status = 'pending', lease_owner = NULL, lease_until = NULL,"
+        " payload = '{\"unsettled\": true}' WHERE order_id = %s",
+        (order.id,),
+    )
+    advance(conn, order.id, "dispute_opened", {})  # any event: still nothing emitted
+    assert outbox_steps(conn, order.id) == ["charge_payment"]
+    # the charge settles: it did take the money; the refund runs first, then the release
+    _charge_done(conn, order.id)
+    advance(conn, order.id, "payment_captured", {"step": "charge_payment"})
+    assert outbox_steps(conn, order.id) == ["charge_payment", "refund_payment"]
+    advance(conn, order.id, "compensation_done", {"step": "refund_payment"})
+    assert outbox_steps(conn, order.id)[-1] == "release_inventory"
+    advance(conn, order.id, "compensation_done", {"step": "release_inventory"})
+    assert state_of(conn, order.id) == "cancelled"
+
+
+def test_a_charge_that_settles_as_nothing_releases_the_stock(
+    conn: psycopg.Connection[Any],
+) -> None:
+    order = place(conn)
+    _charge_in_flight(conn, order.id)
+    advance(conn, order.id, "reservation_expired")
+    _charge_done(conn, order.id)
+    advance(conn, order.id, "payment_failed", {"step": "charge_payment"})
+    assert outbox_steps(conn, order.id) == ["charge_payment", "release_inventory"]
+
+
+def test_an_event_waiting_for_the_lock_decides_on_fresh_history(
+    db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    """The capture of a cancelled order waits for the lock while the last
+    compensation commits; it must see that compensation (a statement that waited
+    for a lock still reads the snapshot it started with) and owe the refund."""
+    order = place(conn)
+    advance(conn, order.id, "reservation_expired")
+    result: list[object] = []
+
+    def capture() -> None:
+        with connect(db_url) as other:
+            result.append(advance(other, order.id, "payment_captured", {}))
+
+    with connect(db_url) as one, one.transaction():
+        advance(one, order.id, "compensation_done", {"step": "release_inventory"})
+        thread = threading.Thread(target=capture)
+        thread.start()
+        _wait_for_lock_waiter(conn, order.id)
+    thread.join(10)
+    assert state_of(conn, order.id) == "compensating"
+    assert outbox_steps(conn, order.id)[-1] == "refund_payment"  # not stuck with nothing owed

@@ -28,7 +28,9 @@ EVENTS = st.one_of(
     st.sampled_from(
         [
             ("payment_captured", {}),
+            ("payment_pending", {"intent_status": "requires_action"}),
             ("payment_failed", {"code": "card_declined"}),
+            ("dispute_opened", {"dispute_id": "dp_1"}),
             ("reservation_expired", {}),
             ("shipment_created", {"tracking": "1Z"}),
             ("shipment_failed", {}),
@@ -55,6 +57,7 @@ class Oracle:
     done: set[str] = field(default_factory=lambda: {"reserve"})
     compensated: list[str] = field(default_factory=list)
     state_before_dead: str | None = None
+    captured: bool = False
 
     def owed(self, done: set[str], compensated: list[str]) -> list[str]:
         pairs = [
@@ -70,8 +73,8 @@ class Oracle:
         """(next state, emitted steps), or None if the event must be refused."""
         done = set(self.done)
         compensated = list(self.compensated)
-        if event == "payment_captured":
-            done.add("charge")
+        if event in ("payment_captured", "payment_pending"):
+            done.add("charge")  # an intent that may take money needs undoing too
         if "ship_order" in detail.get("effects_done", []):
             done.add("ship")
         if event == "shipment_created":
@@ -81,17 +84,21 @@ class Oracle:
             if detail["step"] not in running:
                 return None
             compensated.append(detail["step"])
-        owed_after = [c for c in self.owed(done, compensated) if c not in emitted]
+        owed = self.owed(done, compensated)
+        # one compensation at a time: the next starts only when none is running
+        running = [c for c in owed if c in emitted]
+        waiting = [c for c in owed if c not in emitted]
+        next_one = waiting[:1] if not running else []
         rows = [
             t for t in TRANSITIONS if t.event == event and t.source and t.source.value == self.state
         ]
         for row in rows:
             cond = set(row.conditions)
-            if "not_captured_yet" in cond and "charge" in self.done:
+            if "not_captured_yet" in cond and self.captured:
                 continue
-            if "compensations_remain" in cond and not owed_after:
+            if "work_remains" in cond and not owed:
                 continue
-            if "no_compensations_remain" in cond and owed_after:
+            if "no_work_remains" in cond and owed:
                 continue
             resumes = [c for c in cond if c.startswith("resumes_")]
             if resumes and resumes[0] != f"resumes_{self.state_before_dead}":
@@ -99,20 +106,22 @@ class Oracle:
             emits = []
             for step in row.emits:
                 if step == NEXT_COMPENSATION:
-                    emits += owed_after[:1]
+                    emits += next_one
                 else:
                     emits.append(step)
             return row.dest.value, emits
         return None
 
     def apply(self, event: str, detail: dict[str, Any], dest: str) -> None:
-        if event == "payment_captured":
+        if event in ("payment_captured", "payment_pending"):
             self.done.add("charge")
+        if event == "payment_captured":
+            self.captured = True
         if event == "shipment_created" or "ship_order" in detail.get("effects_done", []):
             self.done.add("ship")
         if event == "compensation_done":
             self.compensated.append(detail["step"])
-        if event == "step_dead_lettered":
+        if event in ("step_dead_lettered", "dispute_opened") and dest != self.state:
             self.state_before_dead = self.state
         self.state = dest
 

@@ -15,7 +15,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.processes import one_of_each, place_many, start_worker, stop, wait_settled
+from tests.processes import (
+    Customers,
+    one_of_each,
+    place_many,
+    start_worker,
+    stop,
+    wait_settled,
+)
 from tests.sandbox_client import check_invariants, states
 from tests.secrets_scan import assert_no_secrets
 
@@ -26,10 +33,15 @@ STORM_S = 60.0 if FULL else 8.0
 
 
 def test_sigkill_soak(db_url: str, conn: Any, sandbox: Any, tmp_path: Path) -> None:
-    """4 workers; orders arrive in waves; a random worker is SIGKILLed every 0.5-2 s."""
+    """4 workers; orders arrive in waves; a random worker is SIGKILLed every 0.5-2 s.
+    One order in ten waits for its customer's 3-D Secure (completed, or failed, by
+    a customer thread at the bank's page) or for a bank debit to settle."""
     rng = random.Random(20261122)
+    sandbox.config(processing_s=0.3)
     sandbox.faults(
         {"endpoint": "*", "mode": "error", "status": 500, "rate": 0.04},
+        # the effect happens, then a 5xx that the key replays (Stripe stores it)
+        {"endpoint": "*", "mode": "error_after_effect", "status": 500, "rate": 0.02},
         {"endpoint": "*", "mode": "rate_limit", "rate": 0.02, "retry_after": 0.05},
         # the effect happens, the answer never comes: the worker's 1 s timeout fires
         {"endpoint": "*", "mode": "timeout_after_success", "rate": 0.02, "hang_s": 1.5},
@@ -38,10 +50,12 @@ def test_sigkill_soak(db_url: str, conn: Any, sandbox: Any, tmp_path: Path) -> N
     workers = [start_worker(db_url, sandbox, tmp_path, "--concurrency", "4") for _ in range(4)]
     ids: list[str] = []
     wave = SOAK_ORDERS // SOAK_KILLS
+    waiting = ("pm_card_authenticationRequired", "pm_sepaDebit")
+    customers = Customers(db_url, sandbox).__enter__()
     try:
         for kill in range(SOAK_KILLS):
             count = wave if kill < SOAK_KILLS - 1 else SOAK_ORDERS - len(ids)
-            ids += place_many(conn, count, start=len(ids))
+            ids += place_many(conn, count, start=len(ids), waiting_methods=waiting)
             time.sleep(rng.uniform(0.5, 2.0))
             victim = rng.randrange(len(workers))
             workers[victim].send_signal(signal.SIGKILL)
@@ -51,6 +65,7 @@ def test_sigkill_soak(db_url: str, conn: Any, sandbox: Any, tmp_path: Path) -> N
         sandbox.faults()  # the storm of faults ends; what is left must finish
         wait_settled(conn, ids, 240)
     finally:
+        customers.__exit__()
         codes = [stop(w) for w in workers]
     assert codes == [0, 0, 0, 0]
     effects = sandbox.effects()
@@ -61,7 +76,8 @@ def test_sigkill_soak(db_url: str, conn: Any, sandbox: Any, tmp_path: Path) -> N
     check_invariants(conn, effects)
     scanned = assert_no_secrets(tmp_path.glob("*.log"))
     print(
-        f"soak: {SOAK_ORDERS} orders, {SOAK_KILLS} SIGKILLs, provider faults {injected},"
+        f"soak: {SOAK_ORDERS} orders ({len(customers.handled)} 3-D Secure, {customers.failed}"
+        f" failed), {SOAK_KILLS} SIGKILLs, provider faults {injected},"
         f" final {dict(final)}, {scanned} log bytes scanned"
     )
 

@@ -12,6 +12,7 @@ the nightly setting is 200 x 50).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections import Counter
@@ -32,6 +33,7 @@ from starlette.testclient import TestClient
 
 from app.main import create_app
 from orderflow import failpoints
+from orderflow.serving import free_port, serve
 from outbox_worker.providers import Providers
 from outbox_worker.runner import Worker
 from tests.api_helpers import auth, cart_body, order_headers, token
@@ -51,7 +53,23 @@ FAULTS = {
         {"endpoint": "*", "mode": "timeout_after_success", "hang_s": 0.5, "rate": 0.5}
     ],
     "shipping_refuses": [{"endpoint": "shipment", "mode": "error", "status": 422}],
+    # the effect happens, then a 500 that Stripe stores and replays for the key
+    "effect_then_500": [
+        {"endpoint": "*", "mode": "error_after_effect", "status": 500, "rate": 0.5}
+    ],
+    # Stripe delivers at least once, in any order
+    "webhooks_twice_and_late": [
+        {"endpoint": "webhooks", "mode": "duplicate", "copies": 3},
+        {"endpoint": "webhooks", "mode": "delay", "delay_s": 0.2, "rate": 0.5},
+    ],
+    "webhooks_lost": [{"endpoint": "webhooks", "mode": "drop"}],
 }
+CARDS = ("pm_card_visa", "pm_card_chargeDeclined", "pm_card_authenticationRequired", "pm_sepaDebit")
+WEBHOOK_SECRET = "whsec_stateful"
+WAITING = """
+SELECT pi.id FROM payment_intents pi JOIN orders o ON o.id = pi.order_id
+ WHERE o.state = 'awaiting_payment' AND pi.status = %s ORDER BY o.id
+"""
 CRASH_POINTS = ("before_call", "after_call", "before_commit", "after_commit")
 STEPS_WITH_CALLS = (
     "charge_payment",
@@ -60,6 +78,7 @@ STEPS_WITH_CALLS = (
     "refund_payment",
     "create_return_label",
     "refund_return",
+    "await_payment",
 )
 ADVANCE_CLOCK = """
 WITH leases AS (
@@ -88,17 +107,26 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
                 add_stock(self.conn, sku, STEPS * 5)
             self.providers = Providers(sandbox.provider_config(timeout_s=0.3))
             self.worker = Worker(url, self.providers, concurrency=4, lease_s=30, backoff_scale=0)
-            self.client = TestClient(create_app(api_settings, database_url=url))
+            settings = dataclasses.replace(api_settings, stripe_webhook_secret=WEBHOOK_SECRET)
+            self.client = TestClient(create_app(settings, database_url=url))
             self.client.__enter__()
+            # Stripe's webhooks come over HTTP, signed, to a served copy of the API.
+            self.server = serve(create_app(settings, database_url=url), free_port())
+            webhook_api = self.server.__enter__()
+            sandbox.config(
+                webhook_url=f"{webhook_api}/v1/webhooks/stripe",
+                webhook_secret=WEBHOOK_SECRET,
+                processing_s=-1,  # the bank settles when a rule says so
+            )
             self.users: dict[str, uuid.UUID] = {}  # order id -> its buyer
             self.keys: list[tuple[uuid.UUID, str, dict[str, Any], str]] = []
 
         @rule(
             sku=st.sampled_from(SKUS),
             qty=st.integers(1, 3),
-            declined=st.booleans(),
+            card=st.sampled_from(CARDS),
         )
-        def place_order(self, sku: str, qty: int, declined: bool) -> None:
+        def place_order(self, sku: str, qty: int, card: str) -> None:
             user = uuid.uuid4()
             tok = token(user)
             r = self.client.post(
@@ -109,7 +137,7 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
             assert r.status_code == 201, r.text
             body = {
                 "cart_id": r.json()["id"],
-                "payment_method_id": "pm_card_chargeDeclined" if declined else "pm_card_visa",
+                "payment_method_id": card,
             }
             key = str(uuid.uuid4())
             r = self.client.post("/v1/orders", json=body, headers=order_headers(tok, key))
@@ -137,6 +165,30 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
             # lease is left behind, its transaction rolled back, nothing committed.
             with failpoints.armed(f"{step}.{point}", "raise"):
                 self.worker.run_once()
+
+        @rule(pick=st.integers(0, 1000), complete=st.booleans())
+        def customer_at_the_bank(self, pick: int, complete: bool) -> None:
+            """A customer completes (or fails) 3-D Secure on the bank's page."""
+            waiting = self.conn.execute(WAITING, ("requires_action",)).fetchall()
+            if waiting:
+                intent = waiting[pick % len(waiting)]["id"]
+                sandbox.authenticate(intent, "complete" if complete else "fail")
+
+        def processing(self) -> list[str]:
+            """The bank debits still processing at the bank, whatever the order's state
+            (a compensation waits for them too)."""
+            ours = {r["id"] for r in self.conn.execute("SELECT id FROM orders")}
+            return sorted(
+                i["id"]
+                for i in sandbox.intents()
+                if i["status"] == "processing" and (i.get("metadata") or {}).get("order_id") in ours
+            )
+
+        @rule(pick=st.integers(0, 1000), succeeds=st.booleans())
+        def bank_settles(self, pick: int, succeeds: bool) -> None:
+            waiting = self.processing()
+            if waiting:
+                sandbox.settle(waiting[pick % len(waiting)], "succeeded" if succeeds else "failed")
 
         @rule()
         def advance_clock(self) -> None:
@@ -181,6 +233,7 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
                 self.settle()
             finally:
                 self.client.__exit__(None, None, None)
+                self.server.__exit__(None, None, None)
                 self.worker.close()
                 self.providers.close()
                 self.conn.close()
@@ -189,6 +242,11 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
         def settle(self) -> None:
             sandbox.faults()
             for _ in range(200):
+                # the customers and the banks still waited for answer now
+                for row in self.conn.execute(WAITING, ("requires_action",)).fetchall():
+                    sandbox.authenticate(row["id"], "complete")
+                for intent in self.processing():
+                    sandbox.settle(intent, "succeeded")
                 self.conn.execute(ADVANCE_CLOCK)
                 self.worker.run_once()
                 if not open_rows(self.conn):

@@ -337,7 +337,7 @@ def _paid_and_claimed(conn: Any, n: int, config: WorkerConfig) -> list[Any]:
     rows = claim(conn, config, 100)
     assert sorted(r.order_id for r in rows) == sorted(ids)
     return [
-        Success(row, StepOutcome.success(shipment_id=f"shp_{row.order_id}", tracking_number="T1"))
+        Success(row, StepOutcome.done(shipment_id=f"shp_{row.order_id}", tracking_number="T1"))
         for row in rows
     ]
 
