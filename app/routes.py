@@ -158,6 +158,7 @@ async def create_order(request: Request) -> Response:
             user_id=principal.user_id,
             cart_id=order.cart_id,
             payment_method_id=order.payment_method_id,
+            payment_mandate=order.mandate.model_dump() if order.mandate else None,
             idempotency_key=key,
             limits=ctx.limits,
             ttl_seconds=ctx.settings.reservation_ttl_seconds,

@@ -75,9 +75,25 @@ class CartIn(Strict):
     email: Email | None = None
 
 
+class OnlineAcceptance(Strict):
+    ip_address: Annotated[str, StringConstraints(min_length=2, max_length=45), Clean]
+    user_agent: Annotated[str, StringConstraints(min_length=1, max_length=500), Clean]
+
+
+class MandateIn(Strict):
+    """The customer's acceptance of a bank-debit mandate, as the storefront saw it."""
+
+    customer_acceptance: OnlineAcceptance
+
+
 class OrderIn(Strict):
     cart_id: Ulid
     payment_method_id: PaymentMethodId
+    mandate: MandateIn | None = Field(
+        None,
+        description="For a bank debit (SEPA): the customer's acceptance of the mandate, which"
+        " Stripe needs to confirm the debit",
+    )
 
 
 class ReturnIn(Strict):

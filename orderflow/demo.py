@@ -37,6 +37,7 @@ ADDRESS = {
     "country": "GB",
 }
 SETTLED = ("confirmed", "returned", "cancelled", "needs_attention")
+DEMO_MANDATE = {"customer_acceptance": {"ip_address": "192.0.2.1", "user_agent": "orderflow-demo"}}
 SKUS = ["MUG-01", "TEE-M", "TEE-L", "CAP-01", "BAG-01", "NOTE-A5"]  # the well-stocked ones
 
 
@@ -173,7 +174,12 @@ def _place_and_follow(
         order = http.post(
             "/v1/orders",
             headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
-            json={"cart_id": cart["id"], "payment_method_id": plan.card},
+            json={
+                "cart_id": cart["id"],
+                "payment_method_id": plan.card,
+                # a bank debit carries the mandate the customer accepted at checkout
+                **({"mandate": DEMO_MANDATE} if plan.kind == "debit" else {}),
+            },
         )
         if order.status_code != 201:
             print(f"order {i}: {order.status_code} {order.json()['error']['code']}")

@@ -125,6 +125,7 @@ def insert_order(
     payment_method_id: str,
     idempotency_key: str,
     ttl_seconds: int,
+    payment_mandate: Mapping[str, Any] | None = None,
 ) -> PlacedOrder:
     """The order in its first state with lines, reservation row, stock ledger, history
     and first outbox row (one statement, in the reservation's transaction)."""
@@ -141,6 +142,7 @@ def insert_order(
                 "total_cents": reservation.total_cents,
                 "currency": reservation.currency,
                 "payment_method_id": payment_method_id,
+                "payment_mandate": Jsonb(dict(payment_mandate)) if payment_mandate else None,
                 "shipping_address": Jsonb(dict(shipping_address)),
                 "email": email,
                 "idempotency_key": idempotency_key,
@@ -179,6 +181,7 @@ def create_order(
     idempotency_key: str,
     ttl_seconds: int,
     max_total_cents: int | None = None,
+    payment_mandate: Mapping[str, Any] | None = None,
 ) -> PlacedOrder:
     """Reserve every line (or none), then create the order in `reserved`, in one
     transaction.  Raises OutOfStock, UnknownSku, MixedCurrency or OrderTooLarge
@@ -198,6 +201,7 @@ def create_order(
             payment_method_id=payment_method_id,
             idempotency_key=idempotency_key,
             ttl_seconds=ttl_seconds,
+            payment_mandate=payment_mandate,
         )
 
 

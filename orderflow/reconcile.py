@@ -101,15 +101,7 @@ def _orders(
                 "states": None,
             },
         ).fetchall()
-        known = {
-            r["id"]
-            for r in cur.execute(
-                QUERIES["order_states_of"], {"ids": [i.order_id for i in intents if i.order_id]}
-            )
-        }
-    by_order = {r["order_id"]: r for r in rows}
-    by_order.update({o: {"order_id": o, "intent_id": None} for o in known - set(by_order)})
-    return by_order, {r["intent_id"]: r for r in rows}
+    return {r["order_id"]: r for r in rows}, {r["intent_id"]: r for r in rows if r["intent_id"]}
 
 
 def reconcile(
@@ -134,6 +126,12 @@ def reconcile(
                 )
             continue
         if order.get("intent_id") != intent.id:
+            if order["payment_step_open"] and not order.get("intent_id"):
+                # The charge step may still be using it (a create whose answer was lost).
+                findings.append(Finding(intent.order_id, intent.id,
+                                        "a PaymentIntent the charge step has not noted yet",
+                                        "in progress"))  # fmt: skip
+                continue
             findings += _orphan(stripe, intent, fix)
             continue
         findings += _compare(conn, stripe, intent, by_intent[intent.id], fix)

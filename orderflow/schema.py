@@ -129,6 +129,8 @@ orders = Table(
     Column("total_cents", Integer, nullable=False),
     Column("currency", Text, nullable=False),
     Column("payment_method_id", Text, nullable=False),
+    # A bank debit's mandate as the customer accepted it (Stripe's customer_acceptance)
+    Column("payment_mandate", JSONB),
     Column("shipping_address", JSONB, nullable=False),
     Column("email", Text),
     Column("idempotency_key", Text, nullable=False),

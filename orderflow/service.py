@@ -178,6 +178,7 @@ def place_order(
     idempotency_key: str,
     limits: OrderLimits,
     ttl_seconds: int,
+    payment_mandate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """validate_order + reserve_inventory + the order, in one transaction.
 
@@ -206,6 +207,7 @@ def place_order(
             payment_method_id=payment_method_id,
             idempotency_key=idempotency_key,
             ttl_seconds=ttl_seconds,
+            payment_mandate=payment_mandate,
         )
     return placed_order_view(order)
 

@@ -42,12 +42,14 @@ from outbox_worker.steps import (
     RecordCall,
     StepCall,
     StepSettings,
+    settled_nothing,
     shipment_row,
 )
 from sql import QUERIES
-from statemachine.definition import STEPS_BY_NAME, OrderState, Step
-from statemachine.engine import advance, advance_many
+from statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState, Step
+from statemachine.engine import advance, advance_many, settle
 from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound, StaleState
+from statemachine.machine import Outcome
 
 log = logging.getLogger("orderflow.worker")
 
@@ -144,13 +146,18 @@ def call_step(
     if row.lost_attempts >= spec.retry.max_unreadable:
         # The process died on this row again and again: a poison row, for a person.
         return StepOutcome.operator(f"{row.lost_attempts} attempts ended without a result")
+    if row.context["state"] == OrderState.NEEDS_ATTENTION:
+        # The order waits for a person, who may send it back: so does the row.
+        return StepOutcome(Kind.WAIT, facts={"note": "waiting: the order needs attention"})
     settle = _settles(spec, row)
     if settle and not row.unsettled:
-        # Every earlier attempt ended in a definite "not done": nothing to find
-        # out, and nothing may start now.  (No compensation waits on this row:
-        # only rows in flight or with an unknown outcome hold them.)
-        return StepOutcome(Kind.DONE, facts={"note": f"skipped: the order is "
-                                            f"{row.context['state']}"}, silent=True)  # fmt: skip
+        # Every earlier attempt ended in a definite "not done": nothing to find out,
+        # and nothing may start now.  A compensation that waited for this row (it was
+        # in flight when the order moved on) may start.
+        note = f"skipped: the order is {row.context['state']}"
+        if spec.effectful:
+            return settled_nothing(note)
+        return StepOutcome(Kind.DONE, facts={"note": note}, silent=True)
     step = STEP_IMPLEMENTATIONS[row.step]
     call = StepCall(
         order_id=row.order_id,
@@ -205,12 +212,23 @@ def _record_call(row: ClaimedRow) -> RecordCall:
     return RecordCall(row.order_id, row.step, row.idempotency_key, row.context)
 
 
+def still_unsettled(row: ClaimedRow, outcome: StepOutcome) -> bool:
+    """Is the row's outcome unknown after this attempt?  It is if this attempt's is,
+    and it stays so until an attempt proves what the earlier ones did: a lookup
+    that met a 429 or a refused connection proved nothing."""
+    if outcome.kind == Kind.UNKNOWN:
+        return True
+    if outcome.kind in (Kind.DONE, Kind.FAILED, Kind.WAIT) or outcome.proven:
+        return False
+    return row.unsettled
+
+
 def _payload(row: ClaimedRow, outcome: StepOutcome, **more: Any) -> dict[str, Any]:
     """The row's payload after this attempt: what the step remembers, whether its
     outcome is unknown, and which attempt this was."""
     return {
         **outcome.memory,
-        "unsettled": outcome.kind == Kind.UNKNOWN,
+        "unsettled": still_unsettled(row, outcome),
         "last_attempt": row.attempts,
         **more,
     }
@@ -331,10 +349,11 @@ def _commit_done(
             step.record(conn, _record_call(row), outcome)
             failpoints.hit(f"{row.step}.before_commit")
             if event is not None:
-                result = advance(conn, row.order_id, event, step.detail(outcome))
-                payments.after_transition(
-                    conn, row.order_id, result, IntentView.from_facts(outcome.facts)
-                )
+                result = _move(row, spec, conn, event, step.detail(outcome))
+                if result is not None:
+                    payments.after_transition(
+                        conn, row.order_id, result, IntentView.from_facts(outcome.facts)
+                    )
     except StaleLease:
         return "stale"
     except IntentMismatch as exc:
@@ -345,6 +364,17 @@ def _commit_done(
             return _finish_alone(conn, row, config, _note(outcome))
         return _dead_letter(conn, row, config, f"cannot apply {event}: {exc}", outcome)
     return "done"
+
+
+def _move(
+    row: ClaimedRow, spec: Step, conn: psycopg.Connection[Any], event: str, detail: dict[str, Any]
+) -> Outcome | None:
+    """Fire the step's event.  A step that reports what it found at a provider
+    (a payment, a label) may find it already recorded by a webhook, a poll or a
+    reconciliation: that is no error (engine.settle)."""
+    if spec.effectful or spec.name == "await_payment":
+        return settle(conn, row.order_id, event, detail)
+    return advance(conn, row.order_id, event, detail)
 
 
 def _finish_alone(
@@ -369,19 +399,28 @@ def _commit_failed(
     if spec.on_failure == "step_dead_lettered":
         return _dead_letter(conn, row, config, outcome.error or "failed", outcome)
     step = STEP_IMPLEMENTATIONS[row.step]
+    detail = step.detail(outcome)
+    if outcome.facts.get("effects_done"):
+        detail["effects_done"] = outcome.facts["effects_done"]
     try:
         with conn.transaction():
             _finish_row(conn, row, config, note=outcome.error)
             step.record(conn, _record_call(row), outcome)
-            detail = step.detail(outcome)
-            if outcome.facts.get("effects_done"):
-                detail["effects_done"] = outcome.facts["effects_done"]
             advance(conn, row.order_id, spec.on_failure, detail)
     except StaleLease:
         return "stale"
     except (IllegalTransition, InvalidEventDetail):
-        # The order moved on (it waits for an operator, say): the failure changes nothing.
-        _finish_alone(conn, row, config, outcome.error)
+        # The order moved on (its reservation expired during the call, say): the
+        # failure itself changes nothing, but a compensation that waited for this
+        # row to settle may now start.
+        try:
+            with conn.transaction():
+                _finish_row(conn, row, config, note=outcome.error)
+                step.record(conn, _record_call(row), outcome)
+                if spec.effectful:
+                    settle(conn, row.order_id, STEP_SETTLED, detail)
+        except StaleLease:
+            return "stale"
     return "failed"
 
 
@@ -422,7 +461,7 @@ def _retry(
     config: WorkerConfig,
 ) -> str:
     kind = outcome.kind
-    if kind == Kind.TRANSIENT and _settles(spec, row):
+    if kind == Kind.TRANSIENT and (_settles(spec, row) or still_unsettled(row, outcome)):
         # Finding out is never given up as a failure: that would compensate blind.
         kind = Kind.UNKNOWN
     decision = decide_retry(

@@ -42,6 +42,11 @@ class StepOutcome:
     # UNKNOWN because the answer could not be read (not an outage): counted
     # against the policy's max_unreadable.
     unreadable: bool = False
+    # This attempt proved what the earlier, unknown ones did (nothing: the
+    # provider holds no such effect), so the row is settled again.  Without it a
+    # row whose outcome was unknown stays unknown, whatever this attempt met (a
+    # 429 on the lookup proves nothing).
+    proven: bool = False
 
     @classmethod
     def done(cls, event: str | None = None, **facts: Any) -> StepOutcome:
@@ -58,6 +63,12 @@ class StepOutcome:
     @classmethod
     def transient(cls, error: str, **memory: Any) -> StepOutcome:
         return cls(Kind.TRANSIENT, memory=memory, error=error)
+
+    @classmethod
+    def proven_absent(cls, error: str, **memory: Any) -> StepOutcome:
+        """The provider answered and holds no effect of the earlier calls: retry
+        (with the new key in `memory`), the row no longer unknown."""
+        return cls(Kind.TRANSIENT, memory=memory, error=error, proven=True)
 
     @classmethod
     def throttled(cls, retry_after_s: float | None = None) -> StepOutcome:
@@ -82,6 +93,7 @@ class StepOutcome:
             self.quiet,
             self.silent,
             self.unreadable,
+            self.proven,
         )
 
 

@@ -44,7 +44,7 @@ from outbox_worker.providers import (
     unreadable,
 )
 from sql import QUERIES
-from statemachine.definition import STEPS_BY_NAME, OrderState
+from statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState
 from statemachine.definition import Step as StepSpec
 
 
@@ -197,6 +197,13 @@ def not_an_answer(c: StepCall, reply: Reply, call: str = "") -> StepOutcome:
     if isinstance(reply, Refused):
         return StepOutcome.operator(f"refused ({reply.status} {reply.code}): {reply.message}")
     return c.unknown(unreadable("unexpected answer"), call)
+
+
+def settled_nothing(note: str, **facts: Any) -> StepOutcome:
+    """An effectful step whose order moved on found that nothing (new) happened:
+    `step_settled` lets a compensation that waited for it start; if none waited,
+    the row simply ends."""
+    return StepOutcome(Kind.DONE, STEP_SETTLED, {**facts, "note": note}, quiet=True)
 
 
 class Step:
@@ -396,13 +403,18 @@ class ChargePayment(Step):
             if found is not None:
                 return found
             # Stripe answered and holds no intent for the order: a new key may try.
-            return StepOutcome.transient(reply.reason, **c.next_key(CREATE))
+            return StepOutcome.proven_absent(reply.reason, **c.next_key(CREATE))
         return not_an_answer(c, reply, CREATE)
 
     def _confirm(self, c: StepCall, intent_id: str) -> StepOutcome:
         params: dict[str, Any] = {}
         if c.settings.return_url:
             params["return_url"] = c.settings.return_url
+        mandate = c.order.get("payment_mandate")
+        if isinstance(mandate, dict) and isinstance(mandate.get("customer_acceptance"), dict):
+            # A bank debit confirmed by us needs the mandate the customer accepted.
+            online = mandate["customer_acceptance"]
+            params["mandate_data"] = {"customer_acceptance": {"type": "online", "online": online}}
         key = c.key(CONFIRM)
         reply = c.providers.stripe.confirm_intent(intent_id, params, key)
         intent = _intent(reply)
@@ -424,7 +436,7 @@ class ChargePayment(Step):
                 return self._report(c, seen)
             if seen is not None and unknown.ended:
                 # The request is over and the intent is not confirmed: nothing was taken.
-                return StepOutcome.transient(unknown.reason, **c.next_key(CONFIRM))
+                return StepOutcome.proven_absent(unknown.reason, **c.next_key(CONFIRM))
             return c.unknown(unknown, CONFIRM)
         return not_an_answer(c, reply, CONFIRM)
 
@@ -434,7 +446,9 @@ class ChargePayment(Step):
         if c.settle:
             # Whatever it came to, the order learns it; a capture is refunded
             # and an open intent cancelled by the compensation it now owes.
-            return StepOutcome(Kind.DONE, event, facts, quiet=event == "payment_failed")
+            if event == "payment_failed":
+                return settled_nothing(f"the payment {intent.status}", **facts)
+            return StepOutcome(Kind.DONE, event, facts)
         if event == "payment_failed":
             return StepOutcome(
                 Kind.FAILED, None, facts, error=f"payment {intent.error_code or intent.status}"
@@ -452,12 +466,7 @@ class ChargePayment(Step):
         )
 
     def _never_confirmed(self) -> StepOutcome:
-        return StepOutcome(
-            Kind.DONE,
-            "payment_failed",
-            {"note": "the order moved on before the payment was confirmed"},
-            quiet=True,
-        )
+        return settled_nothing("the order moved on before the payment was confirmed")
 
     def _settle(self, c: StepCall, intent_id: str | None) -> StepOutcome:
         if not intent_id:
@@ -466,12 +475,7 @@ class ChargePayment(Step):
         reply = c.providers.stripe.retrieve_intent(intent_id)
         intent = _intent(reply)
         if intent is None:
-            return c.unknown(
-                reply
-                if isinstance(reply, Unknown)
-                else unreadable(f"cannot read PaymentIntent {intent_id}"),
-                "settle",
-            )
+            return no_object(c, reply, "settle", f"PaymentIntent {intent_id}")
         return self._report(c, intent)
 
     def record(self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome) -> None:
@@ -522,7 +526,13 @@ class AwaitPayment(Step):
         reply = c.providers.stripe.retrieve_intent(intent_id)
         intent = _intent(reply)
         if intent is None:
-            return StepOutcome.wait(note="no answer; polling again")
+            outage = isinstance(reply, Throttled | NotSent) or (
+                isinstance(reply, Unknown) and not reply.poison
+            )
+            if outage:
+                return StepOutcome.wait(note="no answer; polling again")
+            # an answer we cannot read, a bad key: counted, then a person
+            return no_object(c, reply, "retrieve", "PaymentIntent")
         facts = intent_facts(intent)
         if intent.captured:
             return StepOutcome(Kind.DONE, "payment_captured", facts)
@@ -594,7 +604,7 @@ def refund(c: StepCall, intent_id: str) -> StepOutcome:
         if isinstance(ours, StepOutcome):
             return ours
         if ours is None:
-            return StepOutcome.transient(reply.reason, **c.next_key("refund"))
+            return StepOutcome.proven_absent(reply.reason, **c.next_key("refund"))
     return not_an_answer(c, reply, "refund")
 
 
@@ -729,8 +739,6 @@ class _Label(Step):
     earlier answer was lost, replay the key while the request may still run,
     and use a new key only once the carrier shows no label for the order."""
 
-    failure_event: str | None = None
-
     def create(self, c: StepCall) -> Reply:
         raise NotImplementedError
 
@@ -749,8 +757,8 @@ class _Label(Step):
     def _none_bought(self, c: StepCall, error: str) -> StepOutcome:
         """The carrier proved it bought nothing for the order."""
         if c.settle:
-            return StepOutcome(Kind.DONE, self.failure_event, {"note": error}, quiet=True)
-        return StepOutcome.transient(error, **c.next_key())
+            return settled_nothing(f"no label was bought ({error})")
+        return StepOutcome.proven_absent(error, **c.next_key())
 
     def run(self, c: StepCall) -> StepOutcome:
         if c.unsettled or c.settle:
@@ -774,7 +782,7 @@ class _Label(Step):
         if isinstance(reply, Refused):
             error = f"HTTP {reply.status}: {reply.code}"
             if c.settle:
-                return StepOutcome(Kind.DONE, self.failure_event, {"note": error}, quiet=True)
+                return settled_nothing(error)
             return StepOutcome.failed(error)
         if isinstance(reply, Unknown) and reply.ended:
             # The request is over but its answer says nothing: ask the carrier now.
@@ -807,7 +815,6 @@ def shipment_row(c: RecordCall, outcome: StepOutcome) -> dict[str, Any]:
 
 class ShipOrder(_Label):
     name = "ship_order"
-    failure_event = "shipment_failed"
 
     def create(self, c: StepCall) -> Reply:
         body = {
@@ -859,9 +866,9 @@ class CancelShipment(Step):
             seen = carrier.retrieve_shipment(shipment_id)
             if isinstance(seen, Ok) and seen.body.get("status") == "cancelled":
                 return StepOutcome.done(note="cancelled at the carrier")
-            # A cancel is idempotent by nature: a fresh key may try again.
-            kind = Kind.TRANSIENT if isinstance(seen, Ok) else Kind.UNKNOWN
-            return StepOutcome(kind, memory=c.next_key(), error=reply.reason)
+            if isinstance(seen, Ok):  # not cancelled: a fresh key may try again
+                return StepOutcome.proven_absent(reply.reason, **c.next_key())
+            return c.unknown(reply)
         return not_an_answer(c, reply)
 
     def record(self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome) -> None:
@@ -905,7 +912,7 @@ class SendConfirmation(Step):
             if isinstance(data, list) and any(isinstance(m, dict) and m.get("id") for m in data):
                 return StepOutcome(Kind.DONE, self.spec.on_success, {"note": "sent"})
             if isinstance(data, list):  # the provider holds no such message
-                return StepOutcome.transient(reply.reason, **c.next_key())
+                return StepOutcome.proven_absent(reply.reason, **c.next_key())
             return c.unknown(reply)
         return not_an_answer(c, reply)
 

@@ -176,6 +176,22 @@ def _method_types(params: JSON) -> list[str]:
     return [str(v) for v in values]
 
 
+def _check_mandate(method: str, params: JSON) -> None:
+    """A bank debit confirmed by the server needs the customer's acceptance of the
+    debit mandate (Stripe: mandate_data[customer_acceptance]); a card does not."""
+    if method_type(method) != "sepa_debit":
+        return
+    mandate = params.get("mandate_data")
+    acceptance = mandate.get("customer_acceptance") if isinstance(mandate, dict) else None
+    if not isinstance(acceptance, dict) or acceptance.get("type") not in ("online", "offline"):
+        raise missing("mandate_data[customer_acceptance]")
+    online = acceptance.get("online")
+    if acceptance["type"] == "online" and not (
+        isinstance(online, dict) and online.get("ip_address") and online.get("user_agent")
+    ):
+        raise missing("mandate_data[customer_acceptance][online]")
+
+
 def _check_method(method: str, types: Sequence[str]) -> None:
     kind = method_type(method)
     if kind is None:
@@ -533,6 +549,8 @@ def _new_intent(world: World, params: JSON) -> tuple[Intent, str | None, bool, s
     expand = _expand(params)
     if method is not None:
         _check_method(method, types)
+        if confirm:
+            _check_mandate(method, params)
     elif confirm:
         raise missing("payment_method")
     now = world.now()
@@ -627,6 +645,10 @@ async def confirm_payment_intent(request: Request) -> Response:
                 payment_intent=render_intent(world, intent),
             )
             return Outcome(400, body)
+        try:
+            _check_mandate(method, params)
+        except Invalid as exc:
+            return exc.outcome
         if return_url is not None:
             intent.return_url = return_url
         return _confirm(world, intent, method, key, base_url, expand)

@@ -46,9 +46,10 @@ SELECT (SELECT status FROM cart) AS cart_status,
 -- Create an order in its first state with its lines, reservation, stock ledger rows, history and first outbox rows; mark its cart ordered
 WITH new_order AS (
     INSERT INTO orders (id, user_id, cart_id, state, total_cents, currency, payment_method_id,
-                        shipping_address, email, idempotency_key)
+                        payment_mandate, shipping_address, email, idempotency_key)
     VALUES (%(order_id)s, %(user_id)s, %(cart_id)s, %(state)s, %(total_cents)s, %(currency)s,
-            %(payment_method_id)s, %(shipping_address)s, %(email)s, %(idempotency_key)s)
+            %(payment_method_id)s, %(payment_mandate)s, %(shipping_address)s, %(email)s,
+            %(idempotency_key)s)
  RETURNING id, created_at
 ), lines AS (
     INSERT INTO order_lines (order_id, sku, qty, unit_price_cents)

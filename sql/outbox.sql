@@ -24,6 +24,7 @@ SELECT c.*,
        json_build_object(
            'id', ord.id, 'state', ord.state, 'total_cents', ord.total_cents,
            'currency', ord.currency, 'payment_method_id', ord.payment_method_id,
+           'payment_mandate', ord.payment_mandate,
            'shipping_address', ord.shipping_address, 'email', ord.email,
            'lines', COALESCE(
                (SELECT json_agg(json_build_object('sku', l.sku, 'qty', l.qty) ORDER BY l.sku)

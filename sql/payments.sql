@@ -65,8 +65,11 @@ ON CONFLICT (id) DO NOTHING
 RETURNING id;
 
 -- finish_stripe_event --
--- Record what a webhook event did (an event applied, or why it was ignored)
-UPDATE stripe_events SET outcome = %(outcome)s, order_id = %(order_id)s WHERE id = %(id)s;
+-- Record what a webhook event did (an event applied, or why it was ignored), and its order if we have it
+UPDATE stripe_events
+   SET outcome = %(outcome)s,
+       order_id = (SELECT id FROM orders WHERE id = %(order_id)s)
+ WHERE id = %(id)s;
 
 -- order_exists --
 -- Whether an order exists, with its state
@@ -77,7 +80,7 @@ SELECT id, state FROM orders WHERE id = %(order_id)s;
 SELECT id, state, total_cents, currency FROM orders WHERE id = %(order_id)s;
 
 -- reconcile_orders --
--- Orders with a recorded PaymentIntent, with what our tables say of its money (for orderflow reconcile and the doctor)
+-- Orders (with their recorded PaymentIntent, if any) and what our tables say of their money (for orderflow reconcile and the doctor)
 SELECT o.id AS order_id, o.state, o.total_cents, o.currency, pi.id AS intent_id,
        pi.status AS intent_status,
        COALESCE((SELECT sum(p.amount_cents) FROM payments p
@@ -92,6 +95,7 @@ SELECT o.id AS order_id, o.state, o.total_cents, o.currency, pi.id AS intent_id,
                                   'refund_return')
                   AND ob.status IN ('pending', 'in_flight')) AS payment_step_open
   FROM orders o
-  JOIN payment_intents pi ON pi.order_id = o.id
+  LEFT JOIN payment_intents pi ON pi.order_id = o.id
  WHERE o.id = ANY(%(order_ids)s::text[]) OR pi.id = ANY(%(intent_ids)s::text[])
-    OR (%(states)s::text[] IS NOT NULL AND o.state = ANY(%(states)s::text[]));
+    OR (%(states)s::text[] IS NOT NULL AND pi.id IS NOT NULL
+        AND o.state = ANY(%(states)s::text[]));

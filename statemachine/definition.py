@@ -230,15 +230,13 @@ class Transition:
 
 S = OrderState
 
-# What an effectful forward step reports once the order has moved on: what it
-# found happened (or that nothing did).
-SETTLE_EVENTS: tuple[str, ...] = (
-    "payment_captured",
-    "payment_pending",
-    "payment_failed",
-    "shipment_created",
-    "shipment_failed",
-)
+# What an effectful forward step reports once the order has moved on: the effect
+# it found.  `step_settled` says it found nothing new (nothing happened, or what
+# happened is already recorded): it only lets a compensation that waited for the
+# step start (or ends the order, if the last one finished meanwhile), so it is
+# legal only when one of those follows.
+SETTLE_EVENTS: tuple[str, ...] = ("payment_captured", "payment_pending", "shipment_created")
+STEP_SETTLED = "step_settled"
 
 # States a dead letter can stop an order in, and where a dispute takes a settled
 # order to an operator; `redrive` takes it back.
@@ -285,6 +283,22 @@ TRANSITIONS: tuple[Transition, ...] = (
             note="settled late",
         )
         for event in SETTLE_EVENTS
+    ),
+    Transition(
+        STEP_SETTLED,
+        S.COMPENSATING,
+        S.COMPENSATING,
+        (NEXT_COMPENSATION,),
+        conditions=("a_compensation_may_start",),
+        note="settled late: nothing new",
+    ),
+    # ... or the last compensation finished while the step was still in flight.
+    Transition(
+        STEP_SETTLED,
+        S.COMPENSATING,
+        S.CANCELLED,
+        conditions=("no_work_remains",),
+        note="settled late: nothing new",
     ),
     # Money that arrives for a cancelled order is given back, never kept.
     Transition(

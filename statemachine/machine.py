@@ -131,6 +131,10 @@ def _not_captured_yet(ev: EventData) -> bool:
     return not _model(ev).facts.captured
 
 
+def _a_compensation_may_start(ev: EventData) -> bool:
+    return _model(ev).next_compensation is not None
+
+
 def _work_remains(ev: EventData) -> bool:
     """Something is still owed, running or unknown once this event is recorded."""
     return _model(ev).work_after
@@ -150,6 +154,7 @@ def _resumes(state: OrderState) -> Callable[[EventData], bool]:
 
 CONDITIONS: dict[str, Callable[[EventData], bool]] = {
     "not_captured_yet": _not_captured_yet,
+    "a_compensation_may_start": _a_compensation_may_start,
     "work_remains": _work_remains,
     "no_work_remains": _no_work_remains,
     **{f"resumes_{s.value}": _resumes(s) for s in OrderState},
@@ -245,6 +250,16 @@ def decide(
     row = model.matched
     emits = tuple(_expand_emits(row.emits, model.next_compensation))
     return Outcome(OrderState(state), row.dest, emits, row)
+
+
+def already_recorded(facts: OrderFacts, event: str) -> bool:
+    """Does the order's history already hold what `event` reports?  (A webhook, a
+    reconciliation or a poll may have recorded a capture before the step that
+    found it again commits.)"""
+    if event == "payment_captured":
+        return facts.captured
+    action = _DONE_BY_EVENT.get(event)
+    return action is not None and action in facts.done_actions
 
 
 def _expand_emits(emits: Iterable[str], next_compensation: str | None) -> Iterable[str]:

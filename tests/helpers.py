@@ -18,6 +18,14 @@ ADDRESS = {
 }
 
 
+# What a storefront sends with a bank debit: the customer's acceptance of the mandate.
+MANDATE = {"customer_acceptance": {"ip_address": "192.0.2.10", "user_agent": "Mozilla/5.0 (test)"}}
+
+
+def mandate_for(payment_method: str) -> dict[str, Any] | None:
+    return MANDATE if payment_method.startswith("pm_sepa") else None
+
+
 def place(
     conn: psycopg.Connection[Any],
     lines: list[tuple[str, int]] | None = None,
@@ -36,6 +44,7 @@ def place(
         payment_method_id=payment_method,
         idempotency_key=key or str(uuid.uuid4()),
         ttl_seconds=ttl_seconds,
+        payment_mandate=mandate_for(payment_method),
     )
 
 

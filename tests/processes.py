@@ -17,7 +17,7 @@ import psycopg
 
 from orderflow import PROJECT_ROOT
 from orderflow.orders import LineRequest, create_order
-from tests.helpers import ADDRESS
+from tests.helpers import ADDRESS, mandate_for
 from tests.sandbox_client import SETTLED, check_invariants, states
 
 DECLINED_CARD = "pm_card_chargeDeclined"
@@ -91,6 +91,7 @@ def place_many(
             payment_method_id=method(i),
             idempotency_key=f"k-{i}",
             ttl_seconds=900,
+            payment_mandate=mandate_for(method(i)),
         ).id
         for i in range(start, start + n)
     ]

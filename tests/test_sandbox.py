@@ -437,9 +437,7 @@ def test_cancel_allowed_and_refused_states(sb: Sandbox, client: stripe.StripeCli
         client.v1.payment_intents.cancel(succeeded.id, options={"idempotency_key": "k-x"})
     assert refused.value.code == "payment_intent_unexpected_state"
     sb.config(processing_s=-1)
-    processing = pay(
-        client, "k-5", payment_method="pm_sepaDebit", payment_method_types=["sepa_debit"]
-    )
+    processing = sepa(client, "k-5")
     with pytest.raises(stripe.InvalidRequestError) as busy:
         client.v1.payment_intents.cancel(processing.id)
     assert busy.value.code == "payment_intent_unexpected_state"
@@ -595,8 +593,32 @@ def test_3ds_completion_after_cancel_is_refused(sb: Sandbox, client: stripe.Stri
 # ---------------------------------------------------------------- bank debits (processing)
 
 
+MANDATE = {
+    "customer_acceptance": {
+        "type": "online",
+        "online": {"ip_address": "192.0.2.1", "user_agent": "Mozilla/5.0"},
+    }
+}
+
+
 def sepa(client: stripe.StripeClient, key: str, method: str = "pm_sepaDebit", **kw: Any) -> Any:
-    return pay(client, key, payment_method=method, payment_method_types=["sepa_debit"], **kw)
+    return pay(
+        client,
+        key,
+        payment_method=method,
+        payment_method_types=["sepa_debit"],
+        mandate_data=MANDATE,
+        **kw,
+    )
+
+
+def test_a_bank_debit_needs_the_customers_mandate(sb: Sandbox, client: stripe.StripeClient) -> None:
+    """As at Stripe, a server-side confirm of a debit without mandate_data is refused
+    (a validation error: nothing saved for the key, so the corrected retry works)."""
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        pay(client, "k-m", payment_method="pm_sepaDebit", payment_method_types=["sepa_debit"])
+    assert refused.value.code == "parameter_missing"
+    assert sepa(client, "k-m").status == "processing"
 
 
 def test_bank_debit_settles_by_itself(sb: Sandbox, client: stripe.StripeClient) -> None:

@@ -38,6 +38,7 @@ from outbox_worker.providers import Providers
 from outbox_worker.runner import Worker
 from tests.api_helpers import auth, cart_body, order_headers, token
 from tests.conftest import create_database, drop_database
+from tests.helpers import MANDATE
 from tests.processes import add_stock
 from tests.sandbox_client import SETTLED, check_invariants, open_rows
 
@@ -138,6 +139,7 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
             body = {
                 "cart_id": r.json()["id"],
                 "payment_method_id": card,
+                **({"mandate": MANDATE} if card.startswith("pm_sepa") else {}),
             }
             key = str(uuid.uuid4())
             r = self.client.post("/v1/orders", json=body, headers=order_headers(tok, key))

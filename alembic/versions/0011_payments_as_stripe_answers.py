@@ -6,8 +6,9 @@ Create Date: 2026-12-01
 
 The state `awaiting_payment` (3-D Secure, bank debits) and the step
 `await_payment` join the CHECK lists; a refund Stripe has not finished is a
-`pending` payment row; the order's PaymentIntent as last seen (one per order)
-and the inbox of Stripe's webhook events get their tables.
+`pending` payment row; an order keeps its bank-debit mandate; the order's
+PaymentIntent as last seen (one per order) and the inbox of Stripe's webhook
+events get their tables.
 """
 
 from collections.abc import Sequence
@@ -63,6 +64,10 @@ def _checks(states: str, steps: str, payment_statuses: str) -> None:
 
 def upgrade() -> None:
     _checks(NEW_STATES, NEW_STEPS, "'succeeded', 'failed', 'pending'")
+    op.add_column(
+        "orders",
+        sa.Column("payment_mandate", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    )
     op.create_table(
         "payment_intents",
         sa.Column("order_id", sa.Text(), nullable=False),
@@ -148,3 +153,4 @@ def downgrade() -> None:
     op.execute("DELETE FROM payments WHERE status = 'pending'")
     op.execute("DELETE FROM outbox WHERE step = 'await_payment'")
     _checks(OLD_STATES, OLD_STEPS, "'succeeded', 'failed'")
+    op.drop_column("orders", "payment_mandate")
