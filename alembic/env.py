@@ -29,6 +29,14 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            # A migration waits at most this long for a table's lock (a long
+            # transaction of the running system would otherwise stall every
+            # process that starts), and its own statements are not time-bounded.
+            lock_ms = int(config.attributes.get("lock_timeout_ms", 60_000))
+            connection.execute(
+                text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{lock_ms}ms"}
+            )
+            connection.execute(text("SELECT set_config('statement_timeout', '0', true)"))
             context.run_migrations()
     engine.dispose()
 

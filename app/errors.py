@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psycopg
 import pydantic
 
 from app.auth import Unauthorized
-from orderflow.idempotency import KeyInUse, KeyReused
+from orderflow.idempotency import KeyInUse, KeyReused, LockLost
 from orderflow.service import InvalidState, NotFound, ValidationFailed
 from statemachine.errors import (
     CartAlreadyOrdered,
@@ -88,6 +89,25 @@ def to_api_error(exc: BaseException) -> ApiError | None:
             422,
             "idempotency_key_reused",
             "this Idempotency-Key was used for a different request",
+        )
+    if (
+        isinstance(exc, psycopg.errors.UniqueViolation)
+        and exc.diag.constraint_name == "uq_orders_user_id_idempotency_key"
+    ):
+        # One order per (user, key), enforced by the database: another request
+        # that made it this far with a used key is a reuse.
+        return ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request",
+        )
+    if isinstance(exc, LockLost):
+        # Our lock on the key lapsed and the work rolled back: a retry finds the key's answer.
+        return ApiError(
+            409,
+            "idempotency_key_in_use",
+            "this request's hold on its Idempotency-Key lapsed; retry it",
+            headers={"Retry-After": "1"},
         )
     if isinstance(exc, KeyInUse):
         return ApiError(

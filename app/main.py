@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
 
 from psycopg.rows import dict_row
@@ -21,8 +20,8 @@ from app.errors import ApiError, dumps
 from app.http import error_response, json_response
 from app.openapi import openapi_document
 from app.routes import route_handlers
-from orderflow.config import Settings
-from orderflow.db import resolve_url
+from orderflow.config import Settings, require_api
+from orderflow.db import connection_options, resolve_url
 from orderflow.metrics import install_database_gauges
 from orderflow.service import OrderLimits
 
@@ -43,18 +42,18 @@ DOCS_HTML = """<!doctype html>
 DOCS_INIT_JS = """window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});\n"""
 
 
-def make_pool(url: str, *, max_size: int | None = None) -> ConnectionPool:
+def make_pool(url: str, settings: Settings, *, max_size: int | None = None) -> ConnectionPool:
     return ConnectionPool(
         url,
         min_size=1,
-        max_size=max_size or int(os.environ.get("ORDERFLOW_POOL_SIZE", "10")),
+        max_size=max_size or settings.pool_size,
         # Waiting for a connection is bounded: past it the request gets a 503.
-        timeout=float(os.environ.get("ORDERFLOW_POOL_TIMEOUT", "3")),
+        timeout=settings.pool_timeout_s,
         kwargs={
             "autocommit": True,
             "row_factory": dict_row,
             "connect_timeout": 3,
-            "options": "-c statement_timeout=5000 -c idle_in_transaction_session_timeout=30000",
+            "options": connection_options(settings),
         },
         # No check on checkout (it costs a round trip per request): a connection
         # broken by a server restart fails its request with a 503 and is then
@@ -71,11 +70,12 @@ def create_app(
     limits: OrderLimits | None = None,
 ) -> Starlette:
     settings = settings or Settings.from_env()
-    if not settings.jwt_secret:
-        raise SystemExit("JWT_SECRET must be set to serve the API")
+    require_api(settings)
     url = database_url or resolve_url(settings)
-    pool = make_pool(url)
-    ctx = AppContext(settings=settings, limits=limits or OrderLimits.from_env(), pool=pool)
+    pool = make_pool(url, settings)
+    ctx = AppContext(
+        settings=settings, limits=limits or OrderLimits.from_settings(settings), pool=pool
+    )
     install_database_gauges(lambda: pool.connection(timeout=1.0))
     document = dumps(openapi_document())
 

@@ -7,6 +7,7 @@ not exist or miss one that does.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import schemas
-from app.auth import Principal, authenticate
+from app.auth import Principal, TokenKey, authenticate, verify
 from app.context import AppContext
 from app.errors import ApiError, dumps, to_api_error
 from app.http import (
@@ -34,7 +35,13 @@ from app.http import (
     render,
 )
 from orderflow import service, webhooks
-from orderflow.idempotency import Answer, IdempotentResult, request_fingerprint, run_idempotent
+from orderflow.idempotency import (
+    Answer,
+    IdempotentResult,
+    Recover,
+    request_fingerprint,
+    run_idempotent,
+)
 from orderflow.metrics import REGISTRY
 from statemachine.definition import OrderState
 
@@ -47,15 +54,27 @@ def _ctx(request: Request) -> AppContext:
 
 
 def _principal(request: Request, *, admin: bool = False) -> Principal:
-    ctx = _ctx(request)
-    principal = authenticate(
+    """The caller of a customer route (a customer's token), or of an admin route (an
+    operator's token: its own key and audience; a customer's token is refused
+    whatever its claims)."""
+    settings = _ctx(request).settings
+    if admin:
+        if not settings.jwt_admin_secret:
+            raise ApiError(403, "forbidden", "admin routes need JWT_ADMIN_SECRET to be set")
+        key = TokenKey(
+            settings.jwt_admin_secret,
+            settings.jwt_admin_audience,
+            settings.jwt_issuer,
+            settings.jwt_leeway_s,
+        )
+        return verify(request.headers.get("authorization"), key, admin=True)
+    return authenticate(
         request.headers.get("authorization"),
-        secret=ctx.settings.jwt_secret or "",
-        audience=ctx.settings.jwt_audience,
+        secret=settings.jwt_secret or "",
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway_s=settings.jwt_leeway_s,
     )
-    if admin and not principal.is_admin:
-        raise ApiError(403, "forbidden", "this endpoint needs an admin token")
-    return principal
 
 
 def _path_id(request: Request, name: str) -> str:
@@ -93,6 +112,7 @@ async def _idempotent(
     payload: Any,
     status: int,
     produce: Callable[[Any], dict[str, Any]],
+    recover: Recover | None = None,
 ) -> Response:
     ctx = _ctx(request)
     path = request.url.path
@@ -110,6 +130,7 @@ async def _idempotent(
                 answer_error=_error_answer,
                 lock_timeout_s=ctx.idempotency_lock_timeout_s,
                 fresh_connection=ctx.connection,
+                recover=recover,
             )
 
     result = await run_in_threadpool(call)
@@ -164,7 +185,21 @@ async def create_order(request: Request) -> Response:
             ttl_seconds=ctx.settings.reservation_ttl_seconds,
         )
 
-    return await _idempotent(request, principal, key, payload, 201, produce)
+    mandate = order.mandate.model_dump() if order.mandate else None
+
+    def recover(conn: Any, made: dict[str, Any]) -> Answer | None:
+        """The key made this order and its row was purged: the same request gets it again."""
+        same = (made["cart_id"], made["payment_method_id"], made["payment_mandate"]) == (
+            order.cart_id,
+            order.payment_method_id,
+            mandate,
+        )
+        if not same:
+            return None
+        again = service.placed_order_again(conn, user_id=principal.user_id, order_id=made["id"])
+        return _success(201, again)
+
+    return await _idempotent(request, principal, key, payload, 201, produce, recover)
 
 
 async def get_order(request: Request) -> Response:
@@ -206,7 +241,11 @@ async def request_return(request: Request) -> Response:
 
     def produce(conn: Any) -> dict[str, Any]:
         return service.request_return(
-            conn, user_id=principal.user_id, order_id=order_id, reason=body.reason
+            conn,
+            user_id=principal.user_id,
+            order_id=order_id,
+            reason=body.reason,
+            idempotency_key=key,
         )
 
     return await _idempotent(request, principal, key, payload, 202, produce)
@@ -242,13 +281,26 @@ async def stripe_webhook(request: Request) -> Response:
     if not isinstance(event, dict):
         raise ApiError(400, "invalid_event", "the body is not a Stripe event")
     try:
-        result = await _db(request, webhooks.receive, event=event)
+        result = await _db(
+            request,
+            webhooks.receive,
+            event=event,
+            processing_hold_s=_ctx(request).settings.processing_hold_s,
+        )
     except webhooks.BadEvent as exc:
         raise ApiError(400, "invalid_event", str(exc)) from exc
     return render(200, result)
 
 
 async def metrics(request: Request) -> Response:
+    wanted = _ctx(request).settings.metrics_token
+    if wanted is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {wanted}".encode()):
+            raise ApiError(
+                401, "unauthorized", "metrics need the metrics token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
     body = await run_in_threadpool(generate_latest, REGISTRY)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -479,7 +531,10 @@ OPERATIONS: tuple[Operation, ...] = (
         metrics,
         "metrics",
         "Prometheus metrics: orders by state, outbox backlog, HTTP latency",
-        {200: (None, "Prometheus text exposition format")},
+        {
+            200: (None, "Prometheus text exposition format"),
+            401: (E, "ORDERFLOW_METRICS_TOKEN is set and the bearer token is not it"),
+        },
         auth=False,
         tags=("operations",),
         media_type="text/plain",

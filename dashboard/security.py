@@ -1,8 +1,13 @@
-"""Who may use the dashboard: loopback without a login, anywhere else with one.
+"""Who may use the dashboard: only someone who logged in, wherever it runs.
 
-Sessions live in a cookie signed with HMAC-SHA256 (nothing server-side, so
-several dashboard processes share sessions if they share the secret).  Every
-session, logged in or not, carries a CSRF token that each POST form must echo.
+A loopback bind is not enough (a reverse proxy on the same host has a loopback
+peer and may send no forwarding headers), so every dashboard has a token made
+for this run, printed once on the terminal that started it (as Jupyter does):
+`/?token=…` or the login form take it, as they take ORDERFLOW_DASHBOARD_PASSWORD
+when one is set.  A login starts a session with its own row in the database
+(dashboard_sessions, shared by every dashboard process); logout revokes it.
+The cookie, signed with HMAC-SHA256, carries the session's id and its CSRF
+token, which each POST form must echo.
 """
 
 from __future__ import annotations
@@ -23,8 +28,6 @@ SESSION_TTL_S = 8 * 3600
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_FAILURE_WINDOW_S = 60.0
 TRACKED_CLIENTS = 10_000  # failure records kept (oldest client forgotten first)
-# Headers a reverse proxy adds: without a login the dashboard must be reached directly.
-PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 
 
 def is_loopback(host: str) -> bool:
@@ -39,28 +42,36 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Session:
-    authenticated: bool
+    sid: str | None  # a login's id (its row in dashboard_sessions); None: not logged in
     csrf: str
     expires: int
 
+    @property
+    def authenticated(self) -> bool:
+        return self.sid is not None
+
     @classmethod
     def new(cls, authenticated: bool = False) -> Session:
-        return cls(authenticated, secrets.token_urlsafe(24), int(time.time()) + SESSION_TTL_S)
+        """A fresh session: a new CSRF token, and with `authenticated` a new login id
+        (never the visitor's old one: no fixation)."""
+        sid = secrets.token_urlsafe(18) if authenticated else None
+        return cls(sid, secrets.token_urlsafe(24), int(time.time()) + SESSION_TTL_S)
 
 
 @dataclass
 class Access:
     """The dashboard's access policy, fixed at start-up."""
 
-    require_login: bool
+    run_token: str  # made for this run, printed once; logs in like the password
     password: str | None
     secret: bytes
     secure_cookies: bool = False
-    # Host headers accepted without a login (loopback only: a DNS-rebinding
-    # page on another origin cannot reach the dashboard through the browser).
-    loopback_hosts: frozenset[str] = frozenset()
     # Failed logins per client address, in memory: each process counts its own.
     _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
+
+    @property
+    def require_login(self) -> bool:
+        return True  # always: see the module's docstring
 
     @classmethod
     def for_bind(
@@ -70,32 +81,22 @@ class Access:
         *,
         password: str | None,
         secret: str | None,
-        secure_cookies: bool = False,
-    ) -> tuple[Access, str | None]:
-        """The policy for a server bound to host:port, and a generated admin token if any.
+        secure_cookies: bool | None = None,
+    ) -> tuple[Access, str]:
+        """The policy for a server bound to host:port, and this run's login token.
 
-        A configured password always requires a login.  Off loopback without
-        one, a random admin token is generated (there are no default
-        credentials) and the caller prints it once.
-        """
-        generated: str | None = None
-        if password:
-            require = True
-        elif is_loopback(host):
-            require = False
-        else:
-            password = generated = secrets.token_urlsafe(24)
-            require = True
-        names = {"127.0.0.1", "localhost", "[::1]"}
-        hosts = frozenset({f"{n}:{port}" for n in names} | names)
+        Cookies are `Secure` unless bound to loopback (a TLS proxy in front), or as
+        `secure_cookies` says."""
+        token = secrets.token_urlsafe(24)
         key = secret.encode() if secret else secrets.token_bytes(32)
-        return cls(require, password, key, secure_cookies, hosts), generated
+        secure = (not is_loopback(host)) if secure_cookies is None else secure_cookies
+        return cls(token, password, key, secure), token
 
     # ------------------------------------------------------------ sessions
 
     def sign(self, session: Session) -> str:
         payload = json.dumps(
-            {"a": session.authenticated, "c": session.csrf, "e": session.expires},
+            {"s": session.sid, "c": session.csrf, "e": session.expires},
             separators=(",", ":"),
         ).encode()
         body = base64.urlsafe_b64encode(payload).rstrip(b"=")
@@ -112,7 +113,8 @@ class Access:
             if not hmac.compare_digest(given, self._mac(body)):
                 return None
             data: Any = json.loads(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
-            session = Session(bool(data["a"]), str(data["c"]), int(data["e"]))
+            sid = data["s"]
+            session = Session(str(sid) if sid else None, str(data["c"]), int(data["e"]))
         except (ValueError, KeyError, TypeError):
             return None
         if session.expires < time.time():
@@ -124,27 +126,16 @@ class Access:
 
     # ------------------------------------------------------------ checks
 
-    def allowed(self, session: Session | None) -> bool:
-        return not self.require_login or (session is not None and session.authenticated)
-
-    def host_ok(self, host_header: str | None, headers: dict[str, str] | None = None) -> bool:
-        """Without a login only direct loopback requests are served; with one, any.
-
-        A loopback Host header shuts out DNS-rebinding pages; a proxy's headers
-        mean the request came from elsewhere, which needs a login.
-        """
-        if self.require_login:
-            return True
-        if headers and any(h in headers for h in PROXY_HEADERS):
-            return False
-        return (host_header or "").lower() in self.loopback_hosts
-
     def password_ok(self, given: str, client: str) -> bool:
-        """Constant-time comparison; a client past its failure budget is refused outright."""
-        if self.locked_out(client) or self.password is None:
+        """The password or this run's token, compared in constant time; a client past
+        its failure budget is refused outright."""
+        if self.locked_out(client):
             return False
-        ok = hmac.compare_digest(
-            hashlib.sha256(given.encode()).digest(), hashlib.sha256(self.password.encode()).digest()
+        digest = hashlib.sha256(given.encode()).digest()
+        ok = any(
+            hmac.compare_digest(digest, hashlib.sha256(known.encode()).digest())
+            for known in (self.run_token, self.password)
+            if known
         )
         if not ok:
             failures = self._failures.setdefault(client, deque())

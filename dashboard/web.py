@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,8 +28,10 @@ from starlette.staticfiles import StaticFiles
 
 from dashboard import data, vendor
 from dashboard.security import COOKIE, SESSION_TTL_S, Access, Session, csrf_ok
+from orderflow.config import Settings
 from orderflow.reporting import plain
 from outbox_worker.operations import RedriveError, redrive
+from sql import QUERIES
 
 HERE = Path(__file__).resolve().parent
 # A handler behind the access gate: it gets the visitor's session with the request.
@@ -151,7 +152,7 @@ class Dashboard:
     ) -> Response:
         html = self.env.get_template(template).render(
             csrf=session.csrf,
-            show_logout=self.access.require_login and session.authenticated,
+            show_logout=session.authenticated,
             list_limit=data.LIST_LIMIT,
             **context,
         )
@@ -182,34 +183,66 @@ class Dashboard:
             message=message,
         )
 
-    def _gate(self, request: Request) -> tuple[Session, Response | None]:
-        """The visitor's session, or the response that turns them away."""
-        session = self._session(request)
-        if not self.access.host_ok(request.headers.get("host"), dict(request.headers)):
-            return Session.new(), PlainTextResponse(
-                "without a login this dashboard answers only direct requests to a loopback"
-                " address; behind a proxy or on a network address set"
-                " ORDERFLOW_DASHBOARD_PASSWORD",
-                status_code=400,
+    async def _logged_in(self, session: Session | None) -> bool:
+        """A session whose login still holds in the database (not logged out anywhere)."""
+        if session is None or session.sid is None:
+            return False
+        sid = session.sid
+
+        def live(conn: psycopg.Connection[Any]) -> bool:
+            found = conn.execute(QUERIES["dashboard_session_live"], {"id": sid}).fetchone()
+            return found is not None
+
+        return bool(await self._db(live))
+
+    async def _start_session(self) -> Session:
+        session = Session.new(authenticated=True)  # a new id: no fixation
+
+        def start(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                QUERIES["dashboard_session_start"], {"id": session.sid, "ttl_s": SESSION_TTL_S}
             )
-        if not self.access.allowed(session):
-            fresh = session or Session.new()
-            if request.method == "GET" and request.url.path != "/overview/live":
-                target = "/login?next=" + quote(request.url.path + _query(request), safe="")
-                response: Response = RedirectResponse(target, status_code=303)
-            else:
-                response = PlainTextResponse("log in first", status_code=401)
+
+        await self._db(start)
+        return session
+
+    async def _gate(self, request: Request) -> tuple[Session, Response | None]:
+        """The visitor's session, or the response that turns them away.  Every visitor
+        must have logged in: with the password, or this run's token (`?token=` on any
+        page, as the URL printed at start has it)."""
+        session = self._session(request)
+        if await self._logged_in(session):
+            assert session is not None
+            return session, None
+        client = request.client.host if request.client else "?"
+        token = request.query_params.get("token")
+        if token is not None and request.method == "GET" and self.access.password_ok(token, client):
+            fresh = await self._start_session()
+            # the token leaves the address bar (and the browser's history)
+            rest = "&".join(
+                f"{quote(k)}={quote(v)}"
+                for k, v in request.query_params.multi_items()
+                if k != "token"
+            )
+            response: Response = RedirectResponse(
+                request.url.path + (f"?{rest}" if rest else ""), status_code=303
+            )
             self._set_cookie(response, fresh)
             return fresh, response
-        # Loopback sessions are never marked logged in: a cookie from a no-login dashboard
-        # must not open one that requires a login, even if the two share a secret.
-        return session or Session.new(), None
+        fresh = session if session is not None and session.sid is None else Session.new()
+        if request.method == "GET" and request.url.path != "/overview/live":
+            target = "/login?next=" + quote(request.url.path + _query(request), safe="")
+            response = RedirectResponse(target, status_code=303)
+        else:
+            response = PlainTextResponse("log in first", status_code=401)
+        self._set_cookie(response, fresh)
+        return fresh, response
 
     def guarded(self, page: GuardedPage) -> Callable[[Request], Awaitable[Response]]:
         """The route for a page or action: it runs only for visitors the gate lets in."""
 
         async def endpoint(request: Request) -> Response:
-            session, turned_away = self._gate(request)
+            session, turned_away = await self._gate(request)
             return turned_away or await page(request, session)
 
         return endpoint
@@ -316,8 +349,6 @@ class Dashboard:
 
     async def login_page(self, request: Request) -> Response:
         session = self._session(request) or Session.new()
-        if not self.access.require_login:
-            return RedirectResponse("/", status_code=303)
         return self._render(
             request,
             "login.html",
@@ -359,7 +390,7 @@ class Dashboard:
                 error="Wrong password or token.",
             )
         response = RedirectResponse(next_path, status_code=303)
-        self._set_cookie(response, Session.new(authenticated=True))  # a new token: no fixation
+        self._set_cookie(response, await self._start_session())  # a new id: no fixation
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -367,7 +398,10 @@ class Dashboard:
         form = await self._form(request)
         if not csrf_ok(session, form.get("csrf")):
             return PlainTextResponse("refused", status_code=403)
-        response = RedirectResponse("/login" if self.access.require_login else "/", 303)
+        if session is not None and session.sid is not None:
+            sid = session.sid  # revoked for every dashboard process, not only this cookie
+            await self._db(lambda conn: conn.execute(QUERIES["dashboard_session_end"], {"id": sid}))
+        response = RedirectResponse("/login", 303)
         self._set_cookie(response, Session.new())
         return response
 
@@ -444,11 +478,11 @@ def create_dashboard(url: str, access: Access, *, refresh_s: int = REFRESH_S) ->
     return app
 
 
-def access_from_env(host: str, port: int) -> tuple[Access, str | None]:
+def access_from_settings(settings: Settings, host: str, port: int) -> tuple[Access, str]:
     return Access.for_bind(
         host,
         port,
-        password=os.environ.get("ORDERFLOW_DASHBOARD_PASSWORD") or None,
-        secret=os.environ.get("ORDERFLOW_DASHBOARD_SECRET") or None,
-        secure_cookies=os.environ.get("ORDERFLOW_DASHBOARD_SECURE_COOKIES", "") == "1",
+        password=settings.dashboard_password,
+        secret=settings.dashboard_secret,
+        secure_cookies=settings.dashboard_secure_cookies,
     )

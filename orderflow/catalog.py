@@ -1,13 +1,21 @@
-"""Loading products from CSV (`orderflow catalog load FILE.csv`)."""
+"""Loading products from CSV (`orderflow catalog load FILE.csv [--dry-run]`).
+
+A file's stock is applied as its change since the SKU's last load (see
+plan_product); prices, names and currencies are set as the file says.  Every
+change of stock is written to the ledger by the database's trigger.
+"""
 
 from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from sql import QUERIES
 
@@ -52,9 +60,116 @@ def _product(raw: dict[str, str], where: str) -> dict[str, Any]:
     }
 
 
-def load_catalog(conn: psycopg.Connection[Any], path: Path) -> int:
-    """Upsert every product of the file in one transaction; return how many."""
-    products = read_catalog(path)
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(QUERIES["upsert_product"], products)
-    return len(products)
+@dataclass(frozen=True)
+class Change:
+    sku: str
+    field: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """What loading one SKU of a file does."""
+
+    sku: str
+    is_new: bool
+    values: dict[str, Any]  # the row to write
+    changes: tuple[Change, ...]
+    short_by: int = 0  # units the file takes away that are no longer available
+
+
+@dataclass(frozen=True)
+class CatalogLoad:
+    plans: tuple[ProductPlan, ...]
+    applied: bool
+
+    @property
+    def products(self) -> int:
+        return len(self.plans)
+
+    @property
+    def changes(self) -> list[Change]:
+        return [c for p in self.plans for c in p.changes]
+
+
+def plan_product(current: Mapping[str, Any] | None, row: Mapping[str, Any]) -> ProductPlan:
+    """How one catalog line applies to the SKU as it stands (pure).
+
+    The file's `available` is the warehouse's sellable count; it is applied as its
+    change since the count this SKU was last loaded with.  An unchanged file changes
+    nothing; a count going from 10 to 8 takes 2 units away; units reserved or sold
+    since the last load stay reserved or sold.  A SKU never loaded from a file (new,
+    or created by other writers) takes the file's count as it is.  A count that would
+    take away more than is available leaves 0 and reports the shortfall."""
+    sku = str(row["sku"])
+    if current is None:
+        values = {**row, "loaded_available": row["available"]}
+        changes = [Change(sku, f, "-", str(row[f])) for f in ("name", "price_cents", "currency",
+                                                                "available")]  # fmt: skip
+        return ProductPlan(sku, True, values, tuple(changes))
+    baseline = current["loaded_available"]
+    if baseline is None:
+        baseline = current["available"]
+    wanted = int(current["available"]) + int(row["available"]) - int(baseline)
+    available = max(0, wanted)
+    values = {**row, "available": available, "loaded_available": row["available"]}
+    changes = [
+        Change(sku, f, str(current[f]), str(row[f]))
+        for f in ("name", "price_cents", "currency")
+        if current[f] != row[f]
+    ]
+    if available != current["available"]:
+        changes.append(
+            Change(
+                sku,
+                "available",
+                str(current["available"]),
+                f"{available} (file {baseline} -> {row['available']})",
+            )
+        )
+    elif row["available"] != baseline:
+        changes.append(Change(sku, "loaded_available", str(baseline), str(row["available"])))
+    return ProductPlan(sku, False, values, tuple(changes), short_by=max(0, -wanted))
+
+
+def load_catalog(
+    conn: psycopg.Connection[Any], path: Path, *, dry_run: bool = False
+) -> CatalogLoad:
+    """Apply a catalog file in one transaction, its SKUs locked in order; with
+    dry_run, say what it would change and change nothing."""
+    rows = read_catalog(path)
+    with conn.transaction(force_rollback=dry_run), conn.cursor(row_factory=dict_row) as cur:
+        current = {
+            r["sku"]: r
+            for r in cur.execute(
+                QUERIES["catalog_lock_products"], {"skus": [r["sku"] for r in rows]}
+            ).fetchall()
+        }
+        plans = tuple(plan_product(current.get(r["sku"]), r) for r in rows)
+        if not dry_run:
+            for plan in plans:
+                if plan.is_new:
+                    cur.execute(QUERIES["catalog_insert_product"], plan.values)
+                elif plan.changes:
+                    cur.execute(QUERIES["catalog_update_product"], plan.values)
+    return CatalogLoad(plans, applied=not dry_run)
+
+
+def render_changes(load: CatalogLoad) -> str:
+    """The changes as a table: SKU, field, old -> new."""
+    if not load.changes:
+        verb = "would change" if not load.applied else "changed"
+        return f"{load.products} products: nothing {verb}"
+    width = max(len(c.sku) for c in load.changes)
+    lines = [f"{'sku':<{width}}  {'field':<16}  old -> new"]
+    lines += [f"{c.sku:<{width}}  {c.field:<16}  {c.old} -> {c.new}" for c in load.changes]
+    for plan in load.plans:
+        if plan.short_by:
+            lines.append(
+                f"warning: {plan.sku}: the file takes away {plan.short_by} more units than are"
+                " available (they are reserved or sold): available stays 0"
+            )
+    verb = "changes" if load.applied else "changes (dry run: nothing written)"
+    lines.append(f"{load.products} products, {len(load.changes)} {verb}")
+    return "\n".join(lines)

@@ -9,15 +9,20 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from orderflow.config import Settings
+from orderflow.config import Settings, SettingsError, load_settings
+
+
+def _migrate(url: str, settings: Settings) -> None:
+    from orderflow import migrate
+
+    migrate.upgrade(url, lock_timeout_ms=settings.migration_lock_timeout_ms)
 
 
 def _connect_migrated(settings: Settings):  # type: ignore[no-untyped-def]
-    from orderflow import migrate
     from orderflow.db import connect, resolve_url
 
     url = resolve_url(settings)
-    migrate.upgrade(url)
+    _migrate(url, settings)
     return connect(url)
 
 
@@ -25,7 +30,9 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from orderflow import migrate
     from orderflow.db import resolve_url
 
-    migrate.upgrade(resolve_url(settings), args.revision)
+    migrate.upgrade(
+        resolve_url(settings), args.revision, lock_timeout_ms=settings.migration_lock_timeout_ms
+    )
     print(f"migrated to {args.revision}")
     return 0
 
@@ -38,15 +45,15 @@ def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_catalog_load(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.catalog import CatalogError, load_catalog
+    from orderflow.catalog import CatalogError, load_catalog, render_changes
 
     try:
         with _connect_migrated(settings) as conn:
-            count = load_catalog(conn, Path(args.file))
+            load = load_catalog(conn, Path(args.file), dry_run=args.dry_run)
     except (CatalogError, OSError) as exc:
         print(f"orderflow catalog load: {exc}", file=sys.stderr)
         return 2
-    print(f"loaded {count} products")
+    print(render_changes(load))
     return 0
 
 
@@ -57,11 +64,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         "DATABASE_URL" if settings.database_url else f"embedded Postgres in {settings.state_dir}"
     )
     print(f"orderflow demo on {where}")
-    from orderflow import migrate
     from orderflow.db import resolve_url
 
     url = resolve_url(settings)
-    migrate.upgrade(url)
+    _migrate(url, settings)
     run_demo(settings, url, orders=args.orders, keep_running=args.keep_running)
     return 0
 
@@ -70,17 +76,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from app.main import create_app
-
-    if not settings.jwt_secret:
-        print(
-            "orderflow serve: set JWT_SECRET (the HS256 secret of bearer tokens)", file=sys.stderr
-        )
-        return 2
-    from orderflow import migrate
+    from orderflow.config import require_api
     from orderflow.db import resolve_url
 
+    require_api(settings)
     url = resolve_url(settings)
-    migrate.upgrade(url)
+    _migrate(url, settings)
     uvicorn.run(
         create_app(settings, database_url=url),
         host=args.host,
@@ -95,18 +96,28 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from dashboard import vendor
-    from dashboard.web import access_from_env, create_dashboard
-    from orderflow import migrate
+    from dashboard.web import access_from_settings, create_dashboard
     from orderflow.db import resolve_url
 
     url = resolve_url(settings)
-    migrate.upgrade(url)
-    access, generated = access_from_env(args.host, args.port)
-    if generated:
-        # Off loopback with no ORDERFLOW_DASHBOARD_PASSWORD: a token for this run only.
-        print(f"orderflow dashboard: log in with this admin token: {generated}", flush=True)
-    elif not access.require_login:
-        print("orderflow dashboard: loopback only, no login", flush=True)
+    _migrate(url, settings)
+    access, token = access_from_settings(settings, args.host, args.port)
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    login_url = f"http://{shown_host}:{args.port}/?token={token}"
+    if sys.stdout.isatty():
+        # Shown once, on the terminal that started it (as Jupyter does); never logged.
+        print(f"orderflow dashboard: open {login_url}", flush=True)
+    else:
+        # Not a terminal (a service's log): the token goes to a file only its owner reads.
+        path = settings.state_dir / "dashboard-token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(login_url + "\n")
+        print(f"orderflow dashboard: the login URL (this run's token) is in {path}", flush=True)
+    if settings.dashboard_password:
+        print("orderflow dashboard: ORDERFLOW_DASHBOARD_PASSWORD logs in too", flush=True)
     if vendor.missing():
         print(
             "orderflow dashboard: browser assets missing (run `python -m dashboard.vendor`);"
@@ -129,9 +140,10 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.auth import mint_token
 
-    if not settings.jwt_secret:
-        print("orderflow token: set JWT_SECRET", file=sys.stderr)
-        return 2
+    secret = settings.jwt_admin_secret if args.admin else settings.jwt_secret
+    if not secret:
+        name = "JWT_ADMIN_SECRET" if args.admin else "JWT_SECRET"
+        raise SettingsError(f"orderflow token: set {name} (at least 32 bytes)")
     try:
         user = uuid.UUID(args.user)
     except ValueError:
@@ -139,10 +151,12 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     token = mint_token(
         user,
-        secret=settings.jwt_secret,
-        audience=settings.jwt_audience,
+        secret=secret,
+        audience=settings.jwt_admin_audience if args.admin else settings.jwt_audience,
+        issuer=settings.jwt_issuer,
         admin=args.admin,
         ttl_s=args.ttl,
+        scope=args.scope,
     )
     print(token)
     return 0
@@ -181,12 +195,14 @@ def _wait_for_database(attempt: Callable[[], None], stop: threading.Event) -> bo
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
+    from orderflow.config import require_providers
+
+    require_providers(settings)  # a missing URL or key stops the worker, not its orders
     # A SIGTERM during start-up (imports, migration, connecting) is a clean stop too.
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_early.set())
 
-    from orderflow import migrate
-    from orderflow.db import resolve_url
+    from orderflow.db import connection_options, resolve_url
     from outbox_worker.logs import configure
     from outbox_worker.providers import ProviderConfig, Providers
     from outbox_worker.runner import Worker
@@ -194,29 +210,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     configure(args.log_level)
     url = resolve_url(settings)
-    if not _wait_for_database(lambda: migrate.upgrade(url), stop_early):
+    if not _wait_for_database(lambda: _migrate(url, settings), stop_early):
         return 0
-    providers = Providers(ProviderConfig.from_env())
+    providers = Providers(ProviderConfig.from_settings(settings))
     worker = Worker(
         url,
         providers,
-        steps=StepSettings.from_env(),
+        steps=StepSettings.from_settings(settings),
         concurrency=args.concurrency,
         lease_s=args.lease,
-        backoff_scale=float(os.environ.get("ORDERFLOW_BACKOFF_SCALE", "1")),
-        report_refresh_s=float(os.environ.get("ORDERFLOW_REPORT_REFRESH_S", "60")),
+        backoff_scale=settings.backoff_scale,
+        report_refresh_s=settings.report_refresh_s,
+        idempotency_retention_h=settings.idempotency_retention_h,
+        connection_options=connection_options(settings),
+        refresh_timeout_ms=settings.refresh_timeout_ms,
     )
     worker.install_signal_handlers()
     if stop_early.is_set():
         worker.stop.set()
     if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        from orderflow.metrics import REGISTRY, install_database_gauges
+        from orderflow.metrics import install_database_gauges, serve_metrics
 
         install_database_gauges(lambda: worker.pool.connection(timeout=1.0))
         try:
-            start_http_server(args.metrics_port, addr=args.metrics_host, registry=REGISTRY)
+            serve_metrics(args.metrics_host, args.metrics_port, settings.metrics_token)
         except OSError as exc:
             print(f"orderflow worker: metrics port {args.metrics_port}: {exc}", file=sys.stderr)
     try:
@@ -322,11 +339,10 @@ def cmd_bench_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench_seed(args: argparse.Namespace, settings: Settings) -> int:
     from bench.reports import main_seed
-    from orderflow import migrate
     from orderflow.db import resolve_url
 
     url = resolve_url(settings)
-    migrate.upgrade(url)
+    _migrate(url, settings)
     return main_seed(url, args.orders)
 
 
@@ -340,8 +356,8 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
         import httpx
 
         effects = httpx.get(f"{args.sandbox}/_sandbox/effects", timeout=10).json()["effects"]
-    elif os.environ.get("STRIPE_API_KEY"):
-        stripe = StripeApi(ProviderConfig.from_env())  # ask Stripe itself
+    elif settings.stripe_api_key:
+        stripe = StripeApi(ProviderConfig.from_settings(settings))  # ask Stripe itself
     with _connect_migrated(settings) as conn:
         checks = run_checks(conn, effects, stripe)
     print(report(checks))
@@ -369,13 +385,18 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from orderflow.reconcile import StripeUnavailable, reconcile, render
     from outbox_worker.providers import ProviderConfig, StripeApi
 
-    if not os.environ.get("STRIPE_API_KEY"):
-        print("orderflow reconcile: set STRIPE_API_KEY (and STRIPE_API_BASE)", file=sys.stderr)
-        return 2
-    stripe = StripeApi(ProviderConfig.from_env())
+    if not settings.stripe_api_key:
+        raise SettingsError("orderflow reconcile: set STRIPE_API_KEY (and STRIPE_API_BASE)")
+    stripe = StripeApi(ProviderConfig.from_settings(settings))
     with _connect_migrated(settings) as conn:
         try:
-            findings = reconcile(conn, stripe, args.since, fix=not args.dry_run)
+            findings = reconcile(
+                conn,
+                stripe,
+                args.since,
+                fix=not args.dry_run,
+                processing_hold_s=settings.processing_hold_s,
+            )
         except StripeUnavailable as exc:
             print(f"orderflow reconcile: {exc}", file=sys.stderr)
             return 2
@@ -396,8 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("catalog", help="manage the product catalog")
     catalog_sub = p.add_subparsers(dest="catalog_command", required=True)
-    p = catalog_sub.add_parser("load", help="upsert products from a CSV file")
+    p = catalog_sub.add_parser(
+        "load", help="apply a CSV catalog (stock as its change since the last load)"
+    )
     p.add_argument("file")
+    p.add_argument("--dry-run", action="store_true", help="show the changes, write nothing")
     p.set_defaults(func=cmd_catalog_load)
 
     p = sub.add_parser("serve", help="serve the HTTP API with uvicorn")
@@ -414,7 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("token", help="mint a bearer token for local use")
     p.add_argument("--user", required=True, help="the user's UUID (the token's sub)")
-    p.add_argument("--admin", action="store_true", help="add role=admin")
+    p.add_argument(
+        "--admin", action="store_true", help="an operator's token (JWT_ADMIN_SECRET, its audience)"
+    )
+    p.add_argument("--scope", help="a scope claim, e.g. events (with --admin's key)")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     p.set_defaults(func=cmd_token)
 
@@ -504,8 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
-    result: int = args.func(args, settings)
+    try:
+        # Every command validates every setting first: a bad value stops it here,
+        # with one line naming the variable, before it touches anything.
+        settings = load_settings()
+        result: int = args.func(args, settings)
+    except SettingsError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
     return result
 
 

@@ -32,6 +32,16 @@ def resolve_url(settings: Settings | None = None) -> str:
     return embedded_url(settings.state_dir)
 
 
+def connection_options(settings: Settings) -> str:
+    """Every API and worker session: statements and lock waits are bounded, so a
+    held lock fails a request (503) or a step (retried) instead of hanging it."""
+    return (
+        f"-c statement_timeout={settings.statement_timeout_ms}"
+        f" -c lock_timeout={settings.lock_timeout_ms}"
+        " -c idle_in_transaction_session_timeout=30000"
+    )
+
+
 def connect(url: str | None = None, **kwargs: object) -> psycopg.Connection[dict[str, object]]:
     """An autocommit connection: each `with conn.transaction()` is one transaction."""
     return psycopg.connect(

@@ -79,17 +79,18 @@ def run_demo(
 
     started = time.monotonic()
     with connect(url) as conn:
-        count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
+        count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv").products
     print(f"catalog: {count} products from catalog/sample.csv")
     secret = settings.jwt_secret or secrets.token_hex(32)
+    admin_secret = settings.jwt_admin_secret or secrets.token_hex(32)
     webhook_secret = f"whsec_{secrets.token_hex(16)}"
-    api_settings = Settings(
-        database_url=url,
-        state_dir=settings.state_dir,
-        reservation_ttl_seconds=settings.reservation_ttl_seconds,
-        jwt_secret=secret,
-        jwt_audience=settings.jwt_audience,
-        stripe_webhook_secret=webhook_secret,
+    api_settings = settings.model_copy(
+        update={
+            "database_url": url,
+            "jwt_secret": secret,
+            "jwt_admin_secret": admin_secret,
+            "stripe_webhook_secret": webhook_secret,
+        }
     )
     with (
         serve(create_sandbox_app(), free_port()) as sandbox_url,
@@ -109,11 +110,14 @@ def run_demo(
         print(f"API {api_url}   sandbox {sandbox_url}   worker: 8 calls in flight")
         print("webhooks: the sandbox signs Stripe's events for the API's /v1/webhooks/stripe")
         try:
-            result = _place_and_follow(
-                url, api_url, sandbox_url, orders, lambda u, admin=False: mint_token(
-                    u, secret=secret, audience=settings.jwt_audience, admin=admin
-                ),
-            )  # fmt: skip
+
+            def token_for(user: uuid.UUID, admin: bool = False) -> str:
+                if admin:  # an operator's token: its own key and audience
+                    return mint_token(user, secret=admin_secret, admin=True,
+                                      audience=settings.jwt_admin_audience)  # fmt: skip
+                return mint_token(user, secret=secret, audience=settings.jwt_audience)
+
+            result = _place_and_follow(url, api_url, sandbox_url, orders, token_for)
             with connect(url) as conn:
                 refresh(conn)  # the snapshots include every order just placed
                 print()

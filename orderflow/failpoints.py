@@ -21,7 +21,7 @@ class FailpointHit(RuntimeError):
     pass
 
 
-def _parse(spec: str) -> dict[str, str]:
+def parse(spec: str) -> dict[str, str]:
     armed: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, action = item.partition("=")
@@ -32,7 +32,14 @@ def _parse(spec: str) -> dict[str, str]:
     return armed
 
 
-_armed: dict[str, str] = _parse(os.environ.get("ORDERFLOW_FAILPOINTS", ""))
+def _from_env() -> dict[str, str]:
+    try:
+        return parse(os.environ.get("ORDERFLOW_FAILPOINTS", ""))
+    except ValueError:
+        return {}  # the settings model reports it when the command starts
+
+
+_armed: dict[str, str] = _from_env()
 
 
 def hit(name: str) -> None:

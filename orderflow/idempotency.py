@@ -65,6 +65,11 @@ def request_fingerprint(method: str, path: str, payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# Given the order a key made (its key row purged since), the answer to a replay
+# of the same request, or None if this request is another one.
+Recover = Callable[[psycopg.Connection[Any], dict[str, Any]], Answer | None]
+
+
 def run_idempotent(
     conn: psycopg.Connection[Any],
     *,
@@ -77,6 +82,7 @@ def run_idempotent(
     answer_error: Callable[[Exception], Answer | None],
     lock_timeout_s: float = 60.0,
     fresh_connection: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None = None,
+    recover: Recover | None = None,
 ) -> IdempotentResult:
     """Run `work` at most once per (user, key) and return its stored answer.
 
@@ -84,9 +90,13 @@ def run_idempotent(
     rolls back whole; `answer_error` turns a known error into the answer to
     store (a 409 or 422: replays return it too), and None means "unexpected":
     the key is unlocked and the error propagates, storing nothing.
+
+    Key rows are purged after their retention (72 h), but a key that made an
+    order answers for ever: `recover` rebuilds the answer from that order when
+    the request is the same, and a different request is refused as a reuse.
     """
     key_id, locked_at, stored = _phase_one(
-        conn, user_id, key, method, path, request_hash, lock_timeout_s
+        conn, user_id, key, method, path, request_hash, lock_timeout_s, recover
     )
     if stored is not None:
         return IdempotentResult(stored.status, stored.body, replayed=True)
@@ -96,6 +106,8 @@ def run_idempotent(
             with conn.transaction():
                 answer = work(conn)
                 _finish(conn, key_id, locked_at, answer)
+        except LockLost:
+            raise  # the work rolled back and the key is another request's now: store nothing
         except Exception as exc:
             failure = answer_error(exc)
             if failure is None:
@@ -134,6 +146,7 @@ def _phase_one(
     path: str,
     request_hash: str,
     lock_timeout_s: float,
+    recover: Recover | None = None,
 ) -> tuple[int, datetime | None, Answer | None]:
     params = {
         "user_id": user_id,
@@ -143,27 +156,40 @@ def _phase_one(
         "request_hash": request_hash,
         "lock_timeout_s": lock_timeout_s,
     }
-    with conn.cursor(row_factory=dict_row) as cur:
-        # The common case, a new key, is one autocommit statement.
-        fresh = cur.execute(QUERIES["insert_idempotency_key"], params).fetchone()
-    if fresh is not None:
-        return fresh["id"], fresh["locked_at"], None
-    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(QUERIES["lock_idempotency_key"], params).fetchone()
-        assert row is not None  # the conflicting row exists and rows are never deleted here
-        if (row["request_method"], row["request_path"], row["request_hash"]) != (
-            method,
-            path,
-            request_hash,
-        ):
-            raise KeyReused(key)
-        if row["recovery_point"] == "finished":
-            return row["id"], None, Answer(row["response_status"], row["response_body"])
-        if row["in_flight"]:
-            raise KeyInUse(key)
-        relocked = cur.execute(QUERIES["relock_idempotency_key"], {"id": row["id"]}).fetchone()
-        assert relocked is not None
-        return relocked["id"], relocked["locked_at"], None
+    # A purge can remove the key row between our statements: then look again.
+    for _ in range(3):
+        with conn.cursor(row_factory=dict_row) as cur:
+            # The common case, a new key, is one autocommit statement.
+            fresh = cur.execute(QUERIES["insert_idempotency_key"], params).fetchone()
+        assert fresh is not None  # the statement always answers one row
+        if fresh["id"] is not None:
+            return fresh["id"], fresh["locked_at"], None
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(QUERIES["lock_idempotency_key"], params).fetchone()
+            if row is None:
+                if fresh["made"] is None:
+                    continue  # purged just now, and no order: a new key after all
+                # The key made an order and its row was purged: the same request
+                # gets that order again; another one is a reuse of the key.
+                answer = recover(conn, fresh["made"]) if recover is not None else None
+                if answer is None:
+                    raise KeyReused(key)
+                return 0, None, answer
+            if (row["request_method"], row["request_path"], row["request_hash"]) != (
+                method,
+                path,
+                request_hash,
+            ):
+                raise KeyReused(key)
+            if row["recovery_point"] == "finished":
+                return row["id"], None, Answer(row["response_status"], row["response_body"])
+            if row["in_flight"]:
+                raise KeyInUse(key)
+            relocked = cur.execute(QUERIES["relock_idempotency_key"], {"id": row["id"]}).fetchone()
+            if relocked is None:
+                continue  # finished or purged meanwhile: decide again
+            return relocked["id"], relocked["locked_at"], None
+    raise KeyInUse(key)  # the key keeps changing under us: the client retries
 
 
 def _unlock(

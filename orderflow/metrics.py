@@ -7,6 +7,7 @@ seconds so a scrape storm costs at most one query pair per interval.
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -110,3 +111,32 @@ def install_database_gauges(connect: Callable[[], Any]) -> None:
     else:  # a new app in the same process (tests): read afresh from its database
         _gauges._connect = connect
         _gauges._at = 0.0
+
+
+def serve_metrics(host: str, port: int, token: str | None) -> None:
+    """The worker's /metrics in a background thread; with a token, only
+    `Authorization: Bearer <token>` gets them (the same rule as the API's)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        given = str(environ.get("HTTP_AUTHORIZATION", ""))
+        if token is not None and not hmac.compare_digest(
+            given.encode(), f"Bearer {token}".encode()
+        ):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+            )
+            return [b"metrics need the metrics token\n"]
+        return metrics_app(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+            pass
+
+    server = make_server(host, port, app, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

@@ -63,15 +63,23 @@ class Reservation:
     email: str | None = None  # the cart's
 
 
+def new_order_id() -> str:
+    """A ULID: order ids sort by creation time."""
+    return str(ULID())
+
+
 def reserve(
     conn: psycopg.Connection[Any],
     *,
+    order_id: str,
     lines: Sequence[LineRequest] = (),
     cart_id: str | None = None,
     user_id: uuid.UUID | None = None,
 ) -> Reservation:
     """reserve_inventory: ONE statement takes every line's quantity from stock, or none.
 
+    The stock is taken for `order_id`, which insert_order then creates in the same
+    transaction (the products trigger writes the ledger rows, naming the order).
     With `cart_id` it first locks the caller's cart and reserves its lines.
     Raises CartNotFound, CartAlreadyOrdered, UnknownSku, OutOfStock or
     MixedCurrency.  Runs inside the caller's transaction, which must roll
@@ -83,6 +91,7 @@ def reserve(
         row = cur.execute(
             QUERIES["reserve_stock"],
             {
+                "order_id": order_id,
                 "cart_id": cart_id,
                 "user_id": user_id,
                 "skus": [line.sku for line in lines],
@@ -119,6 +128,7 @@ def insert_order(
     conn: psycopg.Connection[Any],
     reservation: Reservation,
     *,
+    order_id: str,
     user_id: uuid.UUID,
     shipping_address: Mapping[str, Any],
     email: str | None,
@@ -127,9 +137,8 @@ def insert_order(
     ttl_seconds: int,
     payment_mandate: Mapping[str, Any] | None = None,
 ) -> PlacedOrder:
-    """The order in its first state with lines, reservation row, stock ledger, history
-    and first outbox row (one statement, in the reservation's transaction)."""
-    order_id = str(ULID())
+    """The order in its first state with lines, reservation row, history and first
+    outbox row (one statement, in the reservation's transaction)."""
     priced = reservation.lines
     with conn.cursor(row_factory=dict_row) as cur:
         created = cur.execute(
@@ -188,13 +197,15 @@ def create_order(
     having written nothing."""
     if not lines:
         raise ValueError("an order needs at least one line")
+    order_id = new_order_id()
     with atomic(conn):
-        reservation = reserve(conn, lines=lines)
+        reservation = reserve(conn, order_id=order_id, lines=lines)
         if max_total_cents is not None and reservation.total_cents > max_total_cents:
             raise OrderTooLarge(reservation.total_cents, max_total_cents)
         return insert_order(
             conn,
             reservation,
+            order_id=order_id,
             user_id=user_id,
             shipping_address=shipping_address,
             email=email,

@@ -4,7 +4,6 @@ steps and the webhook receiver, so both write exactly the same facts)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,18 +22,6 @@ CAPTURED = frozenset({"succeeded"})
 WAITING = frozenset({"requires_action", "processing", "requires_capture", "requires_confirmation"})
 FAILED = frozenset({"requires_payment_method", "canceled"})
 KNOWN_STATUSES = CAPTURED | WAITING | FAILED
-
-# A bank debit settles in days: while it is processing the stock stays held.
-PROCESSING_HOLD_S_DEFAULT = 14 * 24 * 3600
-
-
-def processing_hold_s() -> int:
-    raw = os.environ.get("ORDERFLOW_PROCESSING_HOLD_S", "")
-    try:
-        value = int(raw) if raw else PROCESSING_HOLD_S_DEFAULT
-    except ValueError as exc:
-        raise SystemExit(f"ORDERFLOW_PROCESSING_HOLD_S must be an integer, got {raw!r}") from exc
-    return max(value, 1)
 
 
 class IntentMismatch(Exception):
@@ -255,10 +242,15 @@ def record_payment_outcome(
 
 
 def after_transition(
-    conn: psycopg.Connection[Any], order_id: str, outcome: Outcome, intent: IntentView | None
+    conn: psycopg.Connection[Any],
+    order_id: str,
+    outcome: Outcome,
+    intent: IntentView | None,
+    processing_hold_s: int,
 ) -> None:
     """What a payment transition does to the stock: a capture sells the reserved
-    units; a processing bank debit keeps them held while it settles."""
+    units; a processing bank debit keeps them held (ORDERFLOW_PROCESSING_HOLD_S)
+    while it settles, days for a SEPA debit."""
     if outcome.dest == OrderState.PAID:
         consume_reservation(conn, order_id)
     elif (
@@ -267,7 +259,7 @@ def after_transition(
         and intent.status == "processing"
     ):
         conn.execute(
-            QUERIES["extend_reservation"], {"order_id": order_id, "seconds": processing_hold_s()}
+            QUERIES["extend_reservation"], {"order_id": order_id, "seconds": processing_hold_s}
         )
 
 
@@ -279,6 +271,7 @@ def apply_intent(
     source: str,
     total_cents: int,
     currency: str,
+    processing_hold_s: int,
     step: str = "await_payment",
 ) -> Outcome:
     """Apply what Stripe says of the order's PaymentIntent outside the worker (a
@@ -301,7 +294,7 @@ def apply_intent(
         "intent_status": intent.status,
     }
     result = advance(conn, order_id, event, detail)
-    after_transition(conn, order_id, result, intent)
+    after_transition(conn, order_id, result, intent, processing_hold_s)
     if result.dest != OrderState.AWAITING_PAYMENT:
         # The poll has nothing left to ask.
         conn.execute(

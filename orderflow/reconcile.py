@@ -105,7 +105,12 @@ def _orders(
 
 
 def reconcile(
-    conn: psycopg.Connection[Any], stripe: StripeReads, since_s: float, *, fix: bool = True
+    conn: psycopg.Connection[Any],
+    stripe: StripeReads,
+    since_s: float,
+    *,
+    fix: bool = True,
+    processing_hold_s: int = 14 * 24 * 3600,
 ) -> list[Finding]:
     intents = list_intents(stripe, int(time.time() - since_s))
     by_order, by_intent = _orders(conn, intents)
@@ -134,7 +139,7 @@ def reconcile(
                 continue
             findings += _orphan(stripe, intent, fix)
             continue
-        findings += _compare(conn, stripe, intent, by_intent[intent.id], fix)
+        findings += _compare(conn, stripe, intent, by_intent[intent.id], fix, processing_hold_s)
     return findings
 
 
@@ -160,6 +165,7 @@ def _compare(
     intent: IntentView,
     order: dict[str, Any],
     fix: bool,
+    hold_s: int,
 ) -> list[Finding]:
     order_id, state = str(order["order_id"]), str(order["state"])
     findings: list[Finding] = []
@@ -168,7 +174,7 @@ def _compare(
             findings.append(Finding(order_id, intent.id, "capture not recorded yet", "in progress"))
         else:
             # Recording the capture is what makes the machine owe its refund.
-            return [_apply(conn, order_id, intent, order, "a capture we missed", fix)]
+            return [_apply(conn, order_id, intent, order, "a capture we missed", fix, hold_s)]
     elif not intent.captured and order["captured_cents"] > 0:
         findings.append(
             Finding(
@@ -183,7 +189,7 @@ def _compare(
         and intent.status != order["intent_status"]
         and (intent.event() != "payment_pending" or intent.status == "processing")
     ):
-        findings.append(_apply(conn, order_id, intent, order, "a status we missed", fix))
+        findings.append(_apply(conn, order_id, intent, order, "a status we missed", fix, hold_s))
     if intent.captured and state in (OrderState.CANCELLED, OrderState.RETURNED):
         kept = intent.amount_received - refunded_cents(stripe, intent.id)
         if kept > 0 and not order["payment_step_open"]:
@@ -210,6 +216,7 @@ def _apply(
     order: dict[str, Any],
     what: str,
     fix: bool,
+    hold_s: int,
 ) -> Finding:
     if not fix:
         return Finding(order_id, intent.id, what, "to fix")
@@ -224,6 +231,7 @@ def _apply(
                 step=step,
                 total_cents=order["total_cents"],
                 currency=order["currency"],
+                processing_hold_s=hold_s,
             )
     except (IllegalTransition, InvalidEventDetail, IntentMismatch) as exc:
         if intent.captured and order["state"] not in (OrderState.RESERVED,):

@@ -97,14 +97,21 @@ def _cell(value: Any) -> str:
 SNAPSHOTS: tuple[str, ...] = ("funnel", "state_durations", "compensations", "daily_sales")
 
 
-def refresh(conn: psycopg.Connection[Any], interval_s: float = 0.0) -> list[str]:
+def refresh(
+    conn: psycopg.Connection[Any], interval_s: float = 0.0, timeout_ms: int = 120_000
+) -> list[str]:
     """Refresh the snapshots older than `interval_s` (all with 0); returns which.
 
     One refresher at a time across workers (a session advisory lock; a second
-    caller returns at once); REFRESH ... CONCURRENTLY never blocks readers."""
+    caller returns at once); REFRESH ... CONCURRENTLY never blocks readers.  The
+    refresh has its own statement timeout (ORDERFLOW_REFRESH_TIMEOUT_MS): 5.5 s at
+    a million orders, longer than a request's."""
     locked = conn.execute(QUERIES["refresh_lock"]).fetchone()
     if not locked or not locked["locked"]:
         return []
+    previous = conn.execute(
+        QUERIES["set_statement_timeout"], {"value": f"{int(timeout_ms)}ms"}
+    ).fetchone()
     try:
         due = [
             r["view"]
@@ -121,4 +128,6 @@ def refresh(conn: psycopg.Connection[Any], interval_s: float = 0.0) -> list[str]
             )
     finally:
         conn.execute(QUERIES["refresh_unlock"])
+        if previous is not None:
+            conn.execute(QUERIES["set_statement_timeout"], {"value": previous["previous"]})
     return due

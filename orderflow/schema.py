@@ -85,6 +85,13 @@ products = Table(
     Column("available", Integer, nullable=False),
     _ts("created_at", nullable=False, default_now=True),
     _ts("updated_at", nullable=False, default_now=True),
+    # Names the next change of `available` for the ledger trigger (`kind` or
+    # `kind:order_id`); the trigger resets it, so it is NULL at rest.
+    Column("ledger_note", Text),
+    # The stock this SKU was last loaded with from a catalog file: a reload applies
+    # the file's change from it, never its absolute value.
+    Column("loaded_available", Integer),
+    CheckConstraint("ledger_note IS NULL", name="ledger_note_transient"),
     CheckConstraint("price_cents >= 0", name="price_nonnegative"),
     CheckConstraint("available >= 0", name="available_nonnegative"),
     CheckConstraint(CURRENCY_CHECK, name="currency_iso"),
@@ -179,14 +186,25 @@ reservations = Table(
 )
 
 # Every change to products.available, so stock can be audited:
-# available = sum(delta) per SKU.  One row per (order, sku, kind) makes each
-# reserve / release / restock happen at most once, enforced by the database.
+# available = sum(delta) per SKU.  Written by a trigger on products (migration
+# 0012) for every writer, and append-only.  One row per (order, sku, kind) makes
+# each reserve / release / restock happen at most once, enforced by the database.
 stock_ledger = Table(
     "stock_ledger",
     metadata,
     Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("sku", Text, ForeignKey("products.sku"), nullable=False),
-    Column("order_id", Text, ForeignKey("orders.id", ondelete="CASCADE")),
+    # Checked at commit: a reservation's row is written before its order's.
+    Column(
+        "sku",
+        Text,
+        ForeignKey("products.sku", deferrable=True, initially="DEFERRED"),
+        nullable=False,
+    ),
+    Column(
+        "order_id",
+        Text,
+        ForeignKey("orders.id", ondelete="CASCADE", deferrable=True, initially="DEFERRED"),
+    ),
     Column("kind", Text, nullable=False),
     Column("delta", Integer, nullable=False),
     _ts("at", nullable=False, default_now=True),
@@ -398,4 +416,15 @@ idempotency_keys = Table(
     ),
     UniqueConstraint("user_id", "key"),
     Index(None, "created_at"),
+)
+
+# The dashboard's logins: a cookie names its row, and logout revokes it for every
+# dashboard process at once.
+dashboard_sessions = Table(
+    "dashboard_sessions",
+    metadata,
+    Column("id", Text, primary_key=True),
+    _ts("created_at", nullable=False, default_now=True),
+    _ts("expires_at", nullable=False),
+    _ts("revoked_at"),
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from ulid import ULID
 
+from orderflow.config import Settings
 from orderflow.countries import ISO_3166_ALPHA2
-from orderflow.orders import PlacedOrder, insert_order, reserve
+from orderflow.orders import PlacedOrder, insert_order, new_order_id, reserve
 from sql import QUERIES, atomic
 from statemachine.definition import OrderState
 from statemachine.engine import advance
@@ -54,13 +54,6 @@ class ValidationFailed(OrderflowError):
         self.errors = list(errors)
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 @dataclass(frozen=True)
 class OrderLimits:
     min_qty: int = 1
@@ -69,11 +62,11 @@ class OrderLimits:
     max_total_cents: int = 1_000_000
 
     @classmethod
-    def from_env(cls) -> OrderLimits:
+    def from_settings(cls, settings: Settings) -> OrderLimits:
         return cls(
-            max_qty=_env_int("ORDER_MAX_QTY_PER_LINE", 10),
-            max_lines=_env_int("ORDER_MAX_LINES", 50),
-            max_total_cents=_env_int("ORDER_MAX_TOTAL_CENTS", 1_000_000),
+            max_qty=settings.order_max_qty_per_line,
+            max_lines=settings.order_max_lines,
+            max_total_cents=settings.order_max_total_cents,
         )
 
 
@@ -185,8 +178,9 @@ def place_order(
     The reservation statement also locks and reads the cart, so the checks run
     after stock was taken; any failure rolls the whole transaction back.
     """
+    order_id = new_order_id()
     with atomic(conn):
-        reservation = reserve(conn, cart_id=cart_id, user_id=user_id)
+        reservation = reserve(conn, order_id=order_id, cart_id=cart_id, user_id=user_id)
         address = reservation.shipping_address or {}
         lines = [(line.sku, line.qty) for line in reservation.lines]
         errors = check_lines(lines, limits) + check_address(address)
@@ -201,6 +195,7 @@ def place_order(
         order = insert_order(
             conn,
             reservation,
+            order_id=order_id,
             user_id=user_id,
             shipping_address=address,
             email=reservation.email,
@@ -210,6 +205,26 @@ def place_order(
             payment_mandate=payment_mandate,
         )
     return placed_order_view(order)
+
+
+PLACED_FIELDS = (
+    "id",
+    "state",
+    "lines",
+    "total_cents",
+    "currency",
+    "reservation_expires_at",
+    "created_at",
+)
+
+
+def placed_order_again(
+    conn: psycopg.Connection[Any], *, user_id: uuid.UUID, order_id: str
+) -> dict[str, Any]:
+    """The answer to a create replayed after its idempotency key row was purged:
+    the order it made, in the create's shape, with its values as they are now."""
+    order = get_order(conn, user_id=user_id, order_id=order_id)
+    return {name: order[name] for name in PLACED_FIELDS}
 
 
 def placed_order_view(order: PlacedOrder) -> dict[str, Any]:
@@ -316,18 +331,34 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def request_return(
-    conn: psycopg.Connection[Any], *, user_id: uuid.UUID, order_id: str, reason: str
+    conn: psycopg.Connection[Any],
+    *,
+    user_id: uuid.UUID,
+    order_id: str,
+    reason: str,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
-    """The human step `return_requested`, only from `confirmed`."""
+    """The human step `return_requested`, only from `confirmed`.  The request's key
+    is kept in the history row, so a replay after the key row's purge still gets
+    the same answer."""
     with atomic(conn), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             QUERIES["order_owner_state"], {"order_id": order_id, "user_id": user_id}
         ).fetchone()
         if row is None:
             raise NotFound(f"order {order_id}")
+        detail: dict[str, Any] = {"reason": reason}
+        if idempotency_key is not None:
+            detail["idempotency_key"] = idempotency_key
         try:
-            outcome = advance(conn, order_id, "return_requested", {"reason": reason})
+            outcome = advance(conn, order_id, "return_requested", detail)
         except IllegalTransition as exc:
+            asked = cur.execute(
+                QUERIES["return_requested_with_key"],
+                {"order_id": order_id, "key": idempotency_key},
+            ).fetchone()
+            if idempotency_key is not None and asked is not None:
+                return {"id": order_id, "state": exc.state}  # this very request, long ago
             raise InvalidState(order_id, exc.state, "a return") from exc
     return {"id": order_id, "state": outcome.dest.value}
 

@@ -63,7 +63,12 @@ class BadEvent(ValueError):
     """A verified payload that is not a Stripe event we can read."""
 
 
-def receive(conn: psycopg.Connection[Any], event: Mapping[str, Any]) -> dict[str, Any]:
+def receive(
+    conn: psycopg.Connection[Any],
+    event: Mapping[str, Any],
+    *,
+    processing_hold_s: int = 14 * 24 * 3600,
+) -> dict[str, Any]:
     """Store the event once and apply it, in one transaction; returns what it did."""
     event_id, kind = event.get("id"), event.get("type")
     data = event.get("data")
@@ -88,7 +93,7 @@ def receive(conn: psycopg.Connection[Any], event: Mapping[str, Any]) -> dict[str
             return {"id": event_id, "duplicate": True}
         try:
             with conn.transaction():  # a savepoint: an event that does not apply writes nothing
-                order_id, outcome = _apply(conn, kind, obj)
+                order_id, outcome = _apply(conn, kind, obj, processing_hold_s)
         except _Ignored as ignored:
             order_id, outcome = ignored.order_id, ignored.outcome
         cur.execute(
@@ -99,10 +104,10 @@ def receive(conn: psycopg.Connection[Any], event: Mapping[str, Any]) -> dict[str
 
 
 def _apply(
-    conn: psycopg.Connection[Any], kind: str, obj: Mapping[str, Any]
+    conn: psycopg.Connection[Any], kind: str, obj: Mapping[str, Any], processing_hold_s: int
 ) -> tuple[str | None, str]:
     if kind in INTENT_EVENTS:
-        return _intent_event(conn, obj)
+        return _intent_event(conn, obj, processing_hold_s)
     if kind in REFUND_EVENTS:
         return _refund_event(conn, obj)
     if kind in DISPUTE_EVENTS:
@@ -117,7 +122,9 @@ def _order_of_intent(conn: psycopg.Connection[Any], intent_id: Any) -> dict[str,
         return cur.execute(QUERIES["order_payment_intent"], {"intent_id": intent_id}).fetchone()
 
 
-def _intent_event(conn: psycopg.Connection[Any], obj: Mapping[str, Any]) -> tuple[str | None, str]:
+def _intent_event(
+    conn: psycopg.Connection[Any], obj: Mapping[str, Any], processing_hold_s: int
+) -> tuple[str | None, str]:
     intent = IntentView.parse(obj)
     if intent is None:
         return None, "ignored: not a PaymentIntent we can read"
@@ -143,6 +150,7 @@ def _intent_event(conn: psycopg.Connection[Any], obj: Mapping[str, Any]) -> tupl
             source="webhook",
             total_cents=order["total_cents"],
             currency=order["currency"],
+            processing_hold_s=processing_hold_s,
         )
     except (IllegalTransition, InvalidEventDetail, IntentMismatch) as exc:
         raise _Ignored(order_id, f"ignored: {exc}") from exc

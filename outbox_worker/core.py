@@ -352,7 +352,11 @@ def _commit_done(
                 result = _move(row, spec, conn, event, step.detail(outcome))
                 if result is not None:
                     payments.after_transition(
-                        conn, row.order_id, result, IntentView.from_facts(outcome.facts)
+                        conn,
+                        row.order_id,
+                        result,
+                        IntentView.from_facts(outcome.facts),
+                        config.steps.processing_hold_s,
                     )
     except StaleLease:
         return "stale"
@@ -535,7 +539,11 @@ def _commit_wait(
             with contextlib.suppress(IllegalTransition, InvalidEventDetail):
                 result = advance(conn, row.order_id, outcome.event, step.detail(outcome))
                 payments.after_transition(
-                    conn, row.order_id, result, IntentView.from_facts(outcome.facts)
+                    conn,
+                    row.order_id,
+                    result,
+                    IntentView.from_facts(outcome.facts),
+                    config.steps.processing_hold_s,
                 )
 
     try:

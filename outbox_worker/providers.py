@@ -19,13 +19,14 @@ own ids; GETs (retrieve, list, search, lookups) are safe to repeat.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import stripe
+
+from orderflow.config import Settings
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,13 @@ class ProviderConfig:
     timeout_s: float = 10.0
 
     @classmethod
-    def from_env(cls) -> ProviderConfig:
+    def from_settings(cls, settings: Settings) -> ProviderConfig:
         return cls(
-            stripe_api_key=os.environ.get("STRIPE_API_KEY", ""),
-            stripe_api_base=os.environ.get("STRIPE_API_BASE", "https://api.stripe.com"),
-            shipping_api_base=os.environ.get("SHIPPING_API_BASE", ""),
-            email_api_base=os.environ.get("EMAIL_API_BASE", ""),
-            timeout_s=float(os.environ.get("ORDERFLOW_PROVIDER_TIMEOUT_S", "10")),
+            stripe_api_key=settings.stripe_api_key or "",
+            stripe_api_base=settings.stripe_api_base,
+            shipping_api_base=settings.shipping_api_base or "",
+            email_api_base=settings.email_api_base or "",
+            timeout_s=settings.provider_timeout_s,
         )
 
 

@@ -66,6 +66,8 @@ class Worker:
         outbox_retention_days: int = 7,
         owner: str | None = None,
         steps: StepSettings | None = None,
+        connection_options: str = "",
+        refresh_timeout_ms: int = 120_000,
     ) -> None:
         self.url = url
         self.providers = providers
@@ -75,6 +77,7 @@ class Worker:
         self.idempotency_retention_h = idempotency_retention_h
         self.outbox_retention_days = outbox_retention_days
         self.report_refresh_s = report_refresh_s
+        self.refresh_timeout_ms = refresh_timeout_ms
         self.config = WorkerConfig(
             owner=owner or default_owner(),
             lease_s=lease_s,
@@ -88,7 +91,11 @@ class Worker:
             # batched successes share the committer's.  Bounded: 128 calls in
             # flight must not mean 128 Postgres sessions.
             max_size=min(self.concurrency, 16) + 3,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                **({"options": connection_options} if connection_options else {}),
+            },
             open=True,
             name="orderflow-worker",
         )
@@ -129,13 +136,20 @@ class Worker:
                 return commit_step(conn, row, outcome, self.config, started)
         except StaleLease:
             return "stale"
-        except psycopg.OperationalError:
-            # The database went away: the lease expires and the row is retried,
-            # its outcome unknown (the next attempt asks the provider first).
+        except psycopg.OperationalError as exc:
+            # The commit failed (the database went away, or a lock was held past
+            # lock_timeout): the row goes back at once, its outcome unknown (the
+            # next attempt asks the provider first); if the database is gone the
+            # lease expires instead.
             log.warning(
-                "step crashed: the database is unavailable",
+                "step crashed: the database is unavailable (%s)",
+                type(exc).__name__,
                 extra={"order_id": row.order_id, "step": row.step},
             )
+            with contextlib.suppress(Exception), self.pool.connection(timeout=1.0) as conn:
+                conn.execute(
+                    QUERIES["release_outbox_rows"], {"ids": [row.id], "owner": self.config.owner}
+                )
             return "crashed"
         except Exception as exc:
             log.exception("step crashed", extra={"order_id": row.order_id, "step": row.step})
@@ -185,7 +199,7 @@ class Worker:
                 QUERIES["purge_done_outbox"], {"days": self.outbox_retention_days, "limit": 1000}
             )
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            refresh(cur.connection, self.report_refresh_s)
+            refresh(cur.connection, self.report_refresh_s, self.refresh_timeout_ms)
         self._last_housekeeping = time.monotonic()
 
     # ------------------------------------------------------------ the daemon

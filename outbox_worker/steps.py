@@ -20,7 +20,6 @@ out what happened and reports it ("settle"); it never starts its effect.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from orderflow import payments
+from orderflow.config import Settings
 from orderflow.orders import release_inventory, restock_order
 from orderflow.payments import IntentView
 from outbox_worker.outcomes import Kind, StepOutcome
@@ -92,23 +92,15 @@ class StepSettings:
     return_url: str | None = None  # where the bank's 3-D Secure page sends the customer
     list_pages: int = 20  # how far a list may page to prove a PaymentIntent absent
 
-    @classmethod
-    def from_env(cls) -> StepSettings:
-        def number(name: str, default: float) -> float:
-            raw = os.environ.get(name, "")
-            try:
-                value = float(raw) if raw else default
-            except ValueError as exc:
-                raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from exc
-            if value <= 0:
-                raise SystemExit(f"{name} must be positive, got {raw!r}")
-            return value
+    processing_hold_s: int = 14 * 24 * 3600  # a processing bank debit keeps the stock held
 
-        types = os.environ.get("ORDERFLOW_PAYMENT_METHOD_TYPES", "card,sepa_debit")
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StepSettings:
         return cls(
-            key_window_s=number("ORDERFLOW_PROVIDER_KEY_WINDOW_S", 23 * 3600),
-            payment_method_types=tuple(t.strip() for t in types.split(",") if t.strip()),
-            return_url=os.environ.get("ORDERFLOW_PAYMENT_RETURN_URL") or None,
+            key_window_s=settings.provider_key_window_s,
+            payment_method_types=settings.payment_method_type_list,
+            return_url=settings.payment_return_url,
+            processing_hold_s=settings.processing_hold_s,
         )
 
 

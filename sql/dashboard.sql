@@ -80,3 +80,20 @@ SELECT kind, status, carrier_ref, tracking_number, label_url, idempotency_key, c
   FROM shipments
  WHERE order_id = %(order_id)s
  ORDER BY id;
+
+-- dashboard_session_start --
+-- A login: its session's row (every dashboard process checks it); expired ones are dropped meanwhile
+WITH dropped AS (
+    DELETE FROM dashboard_sessions WHERE expires_at < now() - interval '1 day'
+)
+INSERT INTO dashboard_sessions (id, expires_at)
+VALUES (%(id)s, now() + make_interval(secs => %(ttl_s)s));
+
+-- dashboard_session_live --
+-- Whether a login's session still holds (not logged out, not expired)
+SELECT id FROM dashboard_sessions
+ WHERE id = %(id)s AND revoked_at IS NULL AND expires_at > now();
+
+-- dashboard_session_end --
+-- Logout: the session is revoked for every dashboard process
+UPDATE dashboard_sessions SET revoked_at = now() WHERE id = %(id)s AND revoked_at IS NULL;

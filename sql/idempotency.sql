@@ -1,9 +1,20 @@
 -- insert_idempotency_key --
--- Phase 1 for a new key: record the request and lock the key (nothing if the key exists)
-INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_hash, locked_at)
-VALUES (%(user_id)s, %(key)s, %(method)s, %(path)s, %(request_hash)s, clock_timestamp())
-ON CONFLICT (user_id, key) DO NOTHING
-RETURNING id, locked_at;
+-- Phase 1 for a new key: record the request and lock the key; nothing if the key exists, or if an order was made with this key (its key row purged since): that order comes back in made
+WITH made AS (
+    SELECT id, cart_id, payment_method_id, payment_mandate
+      FROM orders
+     WHERE user_id = %(user_id)s AND idempotency_key = %(key)s
+), inserted AS (
+    INSERT INTO idempotency_keys (user_id, key, request_method, request_path, request_hash,
+                                  locked_at)
+    SELECT %(user_id)s, %(key)s, %(method)s, %(path)s, %(request_hash)s, clock_timestamp()
+     WHERE NOT EXISTS (SELECT 1 FROM made)
+    ON CONFLICT (user_id, key) DO NOTHING
+ RETURNING id, locked_at
+)
+SELECT (SELECT id FROM inserted) AS id,
+       (SELECT locked_at FROM inserted) AS locked_at,
+       (SELECT row_to_json(made) FROM made) AS made;
 
 -- lock_idempotency_key --
 -- Phase 1 for a known key: read it under a row lock to decide replay, conflict or retry

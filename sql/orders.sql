@@ -1,5 +1,5 @@
 -- reserve_stock --
--- Lock the caller's open cart if one is named, then take every line's quantity (the cart's and/or the given lines) from stock, or none; SKUs locked in order
+-- Lock the caller's open cart if one is named, then take every line's quantity (the cart's and/or the given lines) from stock for the order about to be created, or none; SKUs locked in order
 WITH cart AS (
     SELECT c.id, c.status, c.shipping_address, c.email
       FROM carts c
@@ -23,8 +23,10 @@ WITH cart AS (
            AND COALESCE(bool_and(available >= qty), false) AS ok
       FROM locked
 ), taken AS (
+    -- the ledger row comes from the products trigger, named by ledger_note
     UPDATE products p
-       SET available = p.available - locked.qty, updated_at = now()
+       SET available = p.available - locked.qty, updated_at = now(),
+           ledger_note = 'reserve:' || %(order_id)s
       FROM locked, verdict
      WHERE p.sku = locked.sku AND verdict.ok
  RETURNING p.sku
@@ -43,7 +45,7 @@ SELECT (SELECT status FROM cart) AS cart_status,
            '[]'::json) AS lines;
 
 -- insert_order --
--- Create an order in its first state with its lines, reservation, stock ledger rows, history and first outbox rows; mark its cart ordered
+-- Create an order in its first state with its lines, reservation, history and first outbox rows; mark its cart ordered (its stock ledger rows came with reserve_stock)
 WITH new_order AS (
     INSERT INTO orders (id, user_id, cart_id, state, total_cents, currency, payment_method_id,
                         payment_mandate, shipping_address, email, idempotency_key)
@@ -64,10 +66,6 @@ WITH new_order AS (
     INSERT INTO reservations (order_id, expires_at, created_at)
     SELECT id, created_at + make_interval(secs => %(ttl_seconds)s), created_at FROM new_order
  RETURNING expires_at
-), ledger AS (
-    INSERT INTO stock_ledger (sku, order_id, kind, delta)
-    SELECT l.sku, new_order.id, 'reserve', -l.qty
-      FROM new_order, unnest(%(skus)s::text[], %(qtys)s::int[]) AS l(sku, qty)
 ), history AS (
     INSERT INTO order_history (order_id, from_state, to_state, event, detail)
     SELECT id, NULL, %(state)s, %(event)s, %(detail)s FROM new_order
@@ -84,23 +82,19 @@ SELECT new_order.id, new_order.created_at, reservation.expires_at,
   FROM new_order, reservation;
 
 -- release_reservation --
--- Give a live reservation's stock back, once (guarded by released_at and the ledger's unique key)
+-- Give a live reservation's stock back, once (guarded by released_at; the products trigger writes the ledger)
 WITH released AS (
     UPDATE reservations
        SET released_at = now()
      WHERE order_id = %(order_id)s AND released_at IS NULL
  RETURNING order_id
-), ledger AS (
-    INSERT INTO stock_ledger (sku, order_id, kind, delta)
-    SELECT ol.sku, ol.order_id, 'release', ol.qty
-      FROM order_lines ol JOIN released USING (order_id)
- RETURNING sku, delta
 )
 UPDATE products p
-   SET available = p.available + ledger.delta, updated_at = now()
-  FROM ledger
- WHERE p.sku = ledger.sku
-RETURNING p.sku, ledger.delta;
+   SET available = p.available + ol.qty, updated_at = now(),
+       ledger_note = 'release:' || ol.order_id
+  FROM order_lines ol JOIN released USING (order_id)
+ WHERE p.sku = ol.sku
+RETURNING p.sku, ol.qty AS delta;
 
 -- order_history --
 -- One order's history, oldest first
@@ -145,20 +139,20 @@ UPDATE reservations
 RETURNING order_id;
 
 -- restock_order --
--- Put a returned order's lines back on sale, once (the ledger's unique key guards it)
-WITH ledger AS (
-    INSERT INTO stock_ledger (sku, order_id, kind, delta)
-    SELECT sku, order_id, 'restock', qty
-      FROM order_lines
-     WHERE order_id = %(order_id)s
-    ON CONFLICT (order_id, sku, kind) WHERE order_id IS NOT NULL DO NOTHING
- RETURNING sku, delta
+-- Put a returned order's lines back on sale, once (a line already restocked is left alone; the ledger's unique key guards it too)
+WITH lines AS (
+    SELECT l.order_id, l.sku, l.qty
+      FROM order_lines l
+     WHERE l.order_id = %(order_id)s
+       AND NOT EXISTS (SELECT 1 FROM stock_ledger s
+                        WHERE s.order_id = l.order_id AND s.sku = l.sku AND s.kind = 'restock')
 )
 UPDATE products p
-   SET available = p.available + ledger.delta, updated_at = now()
-  FROM ledger
- WHERE p.sku = ledger.sku
-RETURNING p.sku, ledger.delta;
+   SET available = p.available + lines.qty, updated_at = now(),
+       ledger_note = 'restock:' || lines.order_id
+  FROM lines
+ WHERE p.sku = lines.sku
+RETURNING p.sku, lines.qty AS delta;
 
 -- get_order_for_user --
 -- One of the caller's orders with lines, payment and shipment references and history
@@ -287,3 +281,10 @@ UPDATE reservations
    SET expires_at = created_at + interval '1 microsecond'
  WHERE order_id = %(order_id)s AND consumed_at IS NULL AND released_at IS NULL
 RETURNING order_id;
+
+-- return_requested_with_key --
+-- Whether the order's return was requested with this idempotency key (a replay after the key's purge)
+SELECT id FROM order_history
+ WHERE order_id = %(order_id)s AND event = 'return_requested'
+   AND detail ->> 'idempotency_key' = %(key)s
+ LIMIT 1;

@@ -131,11 +131,14 @@ SELECT o.id
    FOR UPDATE OF o SKIP LOCKED;
 
 -- purge_idempotency_keys --
--- Forget finished idempotency keys older than the retention (bounded batch)
+-- Forget idempotency keys older than the retention, never one in use (bounded batch)
 DELETE FROM idempotency_keys
  WHERE id IN (SELECT id FROM idempotency_keys
                WHERE created_at < now() - make_interval(hours => %(hours)s)
-               ORDER BY id LIMIT %(limit)s);
+                 -- a key locked by a request (or by one that died an hour ago or less) stays
+                 AND (locked_at IS NULL OR locked_at < now() - interval '1 hour')
+               ORDER BY id LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED);
 
 -- purge_done_outbox --
 -- Delete done outbox rows older than the retention (bounded batch)

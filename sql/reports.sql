@@ -86,3 +86,8 @@ SELECT pg_advisory_unlock(hashtext('orderflow.report_refresh')) AS unlocked;
 -- refresh_durations --
 -- How long each snapshot's last refresh took
 SELECT view, duration_ms, refreshed_at FROM reporting.refreshes ORDER BY view;
+
+-- set_statement_timeout --
+-- Set this session's statement timeout (the snapshots' refresh has its own); returns the one it replaces
+SELECT current_setting('statement_timeout') AS previous,
+       set_config('statement_timeout', %(value)s, false) AS now;

@@ -8,6 +8,7 @@ from typing import Any
 from app.auth import mint_token
 
 JWT_SECRET = "test-secret-that-is-at-least-32-bytes-long!"
+JWT_ADMIN_SECRET = "test-admin-secret-another-key-of-32-bytes!"
 
 ADDRESS = {
     "name": "Ada Lovelace",
@@ -18,8 +19,12 @@ ADDRESS = {
 }
 
 
-def token(user: uuid.UUID | None = None, *, admin: bool = False) -> str:
-    return mint_token(user or uuid.uuid4(), secret=JWT_SECRET, audience="orderflow", admin=admin)
+def token(user: uuid.UUID | None = None, *, admin: bool = False, **claims: Any) -> str:
+    """A customer's token, or with admin=True an operator's (its own key and audience)."""
+    if admin:
+        return mint_token(user or uuid.uuid4(), secret=JWT_ADMIN_SECRET,
+                          audience="orderflow-admin", admin=True, **claims)  # fmt: skip
+    return mint_token(user or uuid.uuid4(), secret=JWT_SECRET, audience="orderflow", **claims)
 
 
 def auth(tok: str) -> dict[str, str]:

@@ -101,7 +101,7 @@ def sample_catalog() -> Path:
 @pytest.fixture()
 def api_settings() -> Any:
     from orderflow.config import Settings
-    from tests.api_helpers import JWT_SECRET
+    from tests.api_helpers import JWT_ADMIN_SECRET, JWT_SECRET
 
     base = Settings.from_env()
     return Settings(
@@ -110,6 +110,7 @@ def api_settings() -> Any:
         reservation_ttl_seconds=900,
         jwt_secret=JWT_SECRET,
         jwt_audience="orderflow",
+        jwt_admin_secret=JWT_ADMIN_SECRET,
     )
 
 

@@ -6,6 +6,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import jwt
 import psycopg
 import pytest
@@ -306,7 +307,9 @@ def _tokens() -> dict[str, str]:
         "wrong signature": jwt.encode(
             good, "another-secret-of-at-least-32-bytes!!", algorithm="HS256"
         ),
-        "expired": jwt.encode({**good, "exp": now - 10}, JWT_SECRET, algorithm="HS256"),
+        # past the 30 s leeway (JWT_LEEWAY_S)
+        "expired": jwt.encode({**good, "exp": now - 60}, JWT_SECRET, algorithm="HS256"),
+        "not yet valid": jwt.encode({**good, "nbf": now + 60}, JWT_SECRET, algorithm="HS256"),
         "no exp": jwt.encode({"sub": user, "aud": "orderflow"}, JWT_SECRET, algorithm="HS256"),
         "wrong aud": jwt.encode({**good, "aud": "someone-else"}, JWT_SECRET, algorithm="HS256"),
         "no aud": jwt.encode({"sub": user, "exp": now + 60}, JWT_SECRET, algorithm="HS256"),
@@ -323,6 +326,51 @@ def test_bad_tokens_are_401(client: Any, case: str) -> None:
     assert r.status_code == 401, case
     assert r.json()["error"]["code"] == "unauthorized"
     assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_clock_leeway_is_honoured(client: Any) -> None:
+    """Clocks drift: a token a few seconds past its exp, or not quite valid yet, passes."""
+    now = int(time.time())
+    claims = {"sub": str(uuid.uuid4()), "aud": "orderflow"}
+    for extra in ({"exp": now - 10}, {"exp": now + 60, "nbf": now + 10, "iat": now + 10}):
+        tok = jwt.encode({**claims, **extra}, JWT_SECRET, algorithm="HS256")
+        assert client.get("/v1/orders", headers=auth(tok)).status_code == 200, extra
+
+
+def test_a_customers_key_cannot_mint_an_operators_token(client: Any, conn: Any) -> None:
+    """Admin tokens have their own key and audience: whoever mints storefront tokens
+    cannot mint one, whatever claims they write."""
+    order = client.post("/v1/carts", json=cart_body(), headers=auth(token()))
+    assert order.status_code == 201
+    path = "/v1/admin/orders/01HZZZZZZZZZZZZZZZZZZZZZZZ/return-received"
+    now = int(time.time())
+    forged = [
+        jwt.encode(
+            {"sub": str(uuid.uuid4()), "aud": aud, "exp": now + 60, "role": "admin"},
+            JWT_SECRET,
+            algorithm="HS256",
+        )
+        for aud in ("orderflow", "orderflow-admin")
+    ]
+    for tok in forged:
+        assert client.post(path, headers=auth(tok)).status_code == 401
+    assert client.post(path, headers=auth(token(admin=True))).status_code == 404  # let in
+    # and an operator's token is no customer's
+    assert client.get("/v1/orders", headers=auth(token(admin=True))).status_code == 401
+
+
+def test_the_issuer_is_checked_when_set(db_url: str, api_settings: Any) -> None:
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = api_settings.model_copy(update={"jwt_issuer": "https://shop.example"})
+    with TestClient(create_app(settings, database_url=db_url)) as c:
+        assert c.get("/v1/orders", headers=auth(token())).status_code == 401  # no iss
+        other = token(issuer="https://evil.example")
+        assert c.get("/v1/orders", headers=auth(other)).status_code == 401
+        good = token(issuer="https://shop.example")
+        assert c.get("/v1/orders", headers=auth(good)).status_code == 200
 
 
 def test_missing_or_malformed_authorization_is_401(client: Any) -> None:
@@ -420,7 +468,8 @@ def test_return_flow(client: Any, db_url: str) -> None:
     with connect(db_url) as conn:
         advance(conn, order_id, "return_label_created")
     url = f"/v1/admin/orders/{order_id}/return-received"
-    assert client.post(url, headers=auth(tok)).status_code == 403
+    # a customer's token is no operator's: signed with another key for another audience
+    assert client.post(url, headers=auth(tok)).status_code == 401
     r = client.post(url, headers=auth(admin))
     assert r.status_code == 200 and r.json()["state"] == "returned"
     assert client.post(url, headers=auth(admin)).status_code == 409
@@ -469,3 +518,35 @@ def test_metrics(client: Any, db_url: str) -> None:
     assert 'route="/v1/orders",status="201"' in text
     assert 'route="/v1/orders/{order_id}",status="404"' in text
     assert "orderflow_database_up 1.0" in text
+
+
+def test_metrics_behind_a_token_when_one_is_set(db_url: str, api_settings: Any) -> None:
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+
+    token = "metrics-token-0123456789"
+    settings = api_settings.model_copy(update={"metrics_token": token})
+    with TestClient(create_app(settings, database_url=db_url)) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and b"orderflow_orders" in ok.content
+
+
+def test_the_workers_metrics_server_checks_the_token_too() -> None:
+    from orderflow.metrics import serve_metrics
+    from orderflow.serving import free_port
+
+    port = free_port()
+    serve_metrics("127.0.0.1", port, "metrics-token-0123456789")
+    url = f"http://127.0.0.1:{port}/metrics"
+    for _ in range(50):
+        try:
+            refused = httpx.get(url)
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    assert refused.status_code == 401
+    ok = httpx.get(url, headers={"Authorization": "Bearer metrics-token-0123456789"})
+    assert ok.status_code == 200

@@ -85,7 +85,7 @@ def test_embedded_default_with_no_database_url(tmp_path: Path) -> None:
     env = _env(ORDERFLOW_HOME=str(home))
     result = _run(["catalog", "load", str(PROJECT_ROOT / "catalog" / "sample.csv")], env)
     assert result.returncode == 0, result.stderr
-    assert "loaded 8 products" in result.stdout
+    assert "8 products, 32 changes" in result.stdout  # every field of 8 new SKUs
     assert (home / "pgdata" / "PG_VERSION").exists()
     assert (home / "run" / ".lockfile").exists()  # the lock lives in our folder, not /tmp
 

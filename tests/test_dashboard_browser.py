@@ -64,11 +64,12 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture()
-def site(db_url: str) -> Iterator[str]:
+def site(db_url: str) -> Iterator[tuple[str, str]]:
+    """The dashboard's address and the token it printed at start."""
     port = free_port()
-    access, _ = Access.for_bind("127.0.0.1", port, password=None, secret=None)
+    access, token = Access.for_bind("127.0.0.1", port, password=None, secret=None)
     with serve(create_dashboard(db_url, access, refresh_s=1), port) as url:
-        yield url
+        yield url, token
 
 
 def db_counts(conn: Any) -> dict[str, int]:
@@ -85,7 +86,7 @@ def shown_counts(page: Any) -> dict[str, int]:
 
 
 def test_overview_order_page_and_redrive_in_chromium(
-    browser: Any, site: str, conn: Any, saga: Saga
+    browser: Any, site: tuple[str, str], conn: Any, saga: Saga
 ) -> None:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     problems: list[str] = []
@@ -101,7 +102,9 @@ def test_overview_order_page_and_redrive_in_chromium(
 
     # Overview: the diagram is drawn as SVG, with the database's counts in its labels.
     reporting.refresh(conn)  # the funnel snapshot, as a worker does every minute
-    page.goto(site + "/")
+    site, token = site
+    page.goto(f"{site}/?token={token}")  # the URL the dashboard printed at start
+    assert "token=" not in page.url  # the token left the address bar
     page.wait_for_selector("body[data-drawn='1']", state="attached")
     assert shown_counts(page) == db_counts(conn)
     labels = page.text_content("#state-diagram svg")

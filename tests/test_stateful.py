@@ -12,7 +12,6 @@ the nightly setting is 200 x 50).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import uuid
 from collections import Counter
@@ -108,7 +107,7 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
                 add_stock(self.conn, sku, STEPS * 5)
             self.providers = Providers(sandbox.provider_config(timeout_s=0.3))
             self.worker = Worker(url, self.providers, concurrency=4, lease_s=30, backoff_scale=0)
-            settings = dataclasses.replace(api_settings, stripe_webhook_secret=WEBHOOK_SECRET)
+            settings = api_settings.model_copy(update={"stripe_webhook_secret": WEBHOOK_SECRET})
             self.client = TestClient(create_app(settings, database_url=url))
             self.client.__enter__()
             # Stripe's webhooks come over HTTP, signed, to a served copy of the API.

@@ -411,3 +411,34 @@ def test_a_charge_never_attempted_is_skipped_once_the_order_moved_on(
     drain(worker, conn)
     assert states(conn)[order.id] == "cancelled"
     assert sandbox.effects() == []  # first attempt, order already gone: no charge at all
+
+
+def test_a_held_lock_fails_the_commit_instead_of_hanging_the_worker(
+    db_url: str, conn: Any, providers: Any, sandbox: Any
+) -> None:
+    """Every worker connection has a lock_timeout: an order locked by someone else
+    (an operator's open transaction) fails the step's commit, which goes back to
+    be retried, instead of hanging a worker whose heartbeat would keep the lease."""
+    from orderflow.config import load_settings
+    from orderflow.db import connection_options
+
+    settings = load_settings(ORDERFLOW_LOCK_TIMEOUT_MS=200)
+    worker = Worker(db_url, providers, concurrency=1, lease_s=30, backoff_scale=0.01,
+                    connection_options=connection_options(settings))  # fmt: skip
+    try:
+        order = place(conn)
+        with connect(db_url) as holder, holder.transaction():
+            holder.execute("SELECT 1 FROM orders WHERE id = %s FOR UPDATE", (order.id,))
+            done = threading.Thread(target=worker.run_once)
+            done.start()
+            done.join(20)
+            assert not done.is_alive(), "the worker hung behind the lock"
+            row = conn.execute(
+                "SELECT status, payload FROM outbox WHERE order_id = %s", (order.id,)
+            ).fetchone()
+            assert row["status"] == "pending" and row["payload"]["unsettled"] is True
+        drain(worker, conn)  # the lock is gone: the retry asks Stripe and finds the charge
+        assert states(conn)[order.id] == "confirmed"
+        assert len(sandbox.effects(kind="charge")) == 1
+    finally:
+        worker.close()

@@ -1,0 +1,215 @@
+"""Stock is the database's truth, whoever writes it: catalog reloads, plain SQL,
+concurrent buyers; the ledger written by the products trigger, append-only."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from orderflow.catalog import load_catalog, plan_product, render_changes
+from orderflow.db import connect
+from orderflow.doctor import report, run_checks
+from orderflow.orders import LineRequest, create_order, release_inventory
+from statemachine.engine import advance
+from statemachine.errors import OutOfStock
+from tests.helpers import ADDRESS, place
+
+
+def _catalog(tmp_path: Path, *rows: tuple[str, str, int, int]) -> Path:
+    path = tmp_path / f"catalog-{uuid.uuid4().hex[:6]}.csv"
+    lines = ["sku,name,price_cents,currency,available"]
+    lines += [f"{sku},{name},{price},EUR,{available}" for sku, name, price, available in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _product(conn: Any, sku: str) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT available, price_cents, loaded_available FROM products WHERE sku = %s", (sku,)
+    ).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def _ledger(conn: Any, sku: str) -> list[tuple[str, int]]:
+    rows = conn.execute(
+        "SELECT kind, delta FROM stock_ledger WHERE sku = %s ORDER BY id", (sku,)
+    ).fetchall()
+    return [(r["kind"], r["delta"]) for r in rows]
+
+
+def _doctor_clean(conn: Any) -> None:
+    checks = run_checks(conn)
+    assert all(c.ok for c in checks), report(checks)
+
+
+# ---------------------------------------------------------------- the plan (no database)
+
+
+def test_plan_applies_the_files_change_not_its_value() -> None:
+    row = {"sku": "X", "name": "x", "price_cents": 100, "currency": "EUR", "available": 10}
+    current = {**row, "available": 7, "loaded_available": 10}  # 3 sold since the load
+    unchanged = plan_product(current, row)
+    assert unchanged.changes == () and unchanged.values["available"] == 7
+    fewer = plan_product(current, {**row, "available": 8})  # the warehouse counts 2 less
+    assert fewer.values["available"] == 5 and fewer.short_by == 0
+    gone = plan_product(current, {**row, "available": 1})  # 9 less, only 7 available
+    assert gone.values["available"] == 0 and gone.short_by == 2
+    never = plan_product({**current, "loaded_available": None}, {**row, "available": 4})
+    assert never.values["available"] == 4  # never loaded from a file: the file's count
+    new = plan_product(None, row)
+    assert new.is_new and new.values["loaded_available"] == 10
+
+
+# ---------------------------------------------------------------- reloads
+
+
+def test_load_sell_reload_the_same_file_changes_nothing(conn: Any, tmp_path: Path) -> None:
+    path = _catalog(tmp_path, ("CAT-1", "Cat one", 500, 10))
+    load_catalog(conn, path)
+    for _ in range(3):
+        place(conn, [("CAT-1", 1)])
+    assert _product(conn, "CAT-1")["available"] == 7
+    again = load_catalog(conn, path)
+    assert again.changes == []
+    assert _product(conn, "CAT-1")["available"] == 7  # the 3 held units stay held
+    assert _ledger(conn, "CAT-1") == [("load", 10), ("reserve", -1), ("reserve", -1),
+                                      ("reserve", -1)]  # fmt: skip
+    _doctor_clean(conn)
+
+
+def test_a_price_only_reload_writes_no_stock(conn: Any, tmp_path: Path) -> None:
+    load_catalog(conn, _catalog(tmp_path, ("CAT-2", "Cat two", 500, 40)))
+    place(conn, [("CAT-2", 2)])
+    changed = load_catalog(conn, _catalog(tmp_path, ("CAT-2", "Cat two", 450, 40)))
+    assert [(c.field, c.old, c.new) for c in changed.changes] == [("price_cents", "500", "450")]
+    assert _product(conn, "CAT-2") == {"available": 38, "price_cents": 450, "loaded_available": 40}
+    assert _ledger(conn, "CAT-2") == [("load", 40), ("reserve", -2)]
+    _doctor_clean(conn)
+
+
+def test_a_warehouse_count_going_down_takes_units_away(conn: Any, tmp_path: Path) -> None:
+    load_catalog(conn, _catalog(tmp_path, ("CAT-3", "Cat three", 500, 10)))
+    place(conn, [("CAT-3", 6)])
+    load = load_catalog(conn, _catalog(tmp_path, ("CAT-3", "Cat three", 500, 8)))
+    assert _product(conn, "CAT-3")["available"] == 2  # 4 left, 2 taken away
+    short = load_catalog(conn, _catalog(tmp_path, ("CAT-3", "Cat three", 500, 3)))
+    assert _product(conn, "CAT-3")["available"] == 0
+    assert short.plans[0].short_by == 3
+    assert "takes away 3 more units" in render_changes(short)
+    assert [c.field for c in load.changes] == ["available"]
+    _doctor_clean(conn)
+
+
+def test_dry_run_writes_nothing(conn: Any, tmp_path: Path) -> None:
+    load_catalog(conn, _catalog(tmp_path, ("CAT-4", "Cat four", 500, 10)))
+    before = (_product(conn, "CAT-4"), _ledger(conn, "CAT-4"))
+    dry = load_catalog(conn, _catalog(tmp_path, ("CAT-4", "Renamed", 900, 20),
+                                      ("CAT-5", "New", 100, 3)), dry_run=True)  # fmt: skip
+    assert not dry.applied and len(dry.changes) == 3 + 4
+    assert (_product(conn, "CAT-4"), _ledger(conn, "CAT-4")) == before
+    assert (
+        conn.execute("SELECT count(*) AS n FROM products WHERE sku = 'CAT-5'").fetchone()["n"] == 0
+    )
+
+
+def test_a_reload_racing_buyers_never_sells_a_unit_twice(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    """K buyers race reloads of the file (its stock unchanged): exactly the physical
+    units sell."""
+    units, buyers = 5, 12
+    path = _catalog(tmp_path, ("CAT-6", "Cat six", 500, units))
+    load_catalog(conn, path)
+    barrier = threading.Barrier(buyers + 1)
+    sold: list[str] = []
+
+    def buy() -> None:
+        with connect(db_url) as c:
+            barrier.wait()
+            try:
+                create_order(c, user_id=uuid.uuid4(), lines=[LineRequest("CAT-6", 1)],
+                             shipping_address=ADDRESS, email=None, payment_method_id="pm_card_visa",
+                             idempotency_key=str(uuid.uuid4()), ttl_seconds=900)  # fmt: skip
+                sold.append("ok")
+            except OutOfStock:
+                pass
+
+    # The price changes on every reload, so each one rewrites the row (stock included).
+    repriced = [_catalog(tmp_path, ("CAT-6", "Cat six", p, units)) for p in (510, 500)]
+
+    def reload() -> None:
+        with connect(db_url) as c:
+            barrier.wait()
+            for n in range(10):
+                load_catalog(c, repriced[n % 2])
+
+    threads = [threading.Thread(target=buy) for _ in range(buyers)]
+    threads.append(threading.Thread(target=reload))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(sold) == units  # never more than the warehouse holds
+    assert _product(conn, "CAT-6")["available"] == 0
+    _doctor_clean(conn)
+
+
+# ---------------------------------------------------------------- any writer
+
+
+def test_plain_sql_is_in_the_ledger_and_the_stock_still_adds_up(db_url: str, conn: Any) -> None:
+    conn.execute("UPDATE products SET available = available + 5 WHERE sku = 'PEN-05'")
+    assert _ledger(conn, "PEN-05")[-1] == ("adjust", 5)
+    conn.execute(
+        "INSERT INTO products (sku, name, price_cents, currency, available)"
+        " VALUES ('SQL-1', 'made by hand', 300, 'EUR', 9)"
+    )
+    assert _ledger(conn, "SQL-1") == [("adjust", 9)]
+    _doctor_clean(conn)
+    # 20 concurrent orders on both, half of them then cancelled
+    errors: list[BaseException] = []
+    placed: list[str] = []
+
+    def buy(i: int) -> None:
+        try:
+            with connect(db_url) as c:
+                order = place(c, [("PEN-05", 1), ("SQL-1", 1)] if i % 2 else [("SQL-1", 1)])
+                placed.append(order.id)
+        except OutOfStock:
+            pass
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=buy, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(placed) == 9  # SQL-1 had 9 units
+    for order_id in placed[::2]:  # cancelled: what the worker's release_inventory does
+        advance(conn, order_id, "payment_failed", {})
+        release_inventory(conn, order_id)
+        advance(conn, order_id, "compensation_done", {"step": "release_inventory"})
+    assert _product(conn, "SQL-1")["available"] == 5
+    _doctor_clean(conn)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO stock_ledger (sku, kind, delta) VALUES ('MUG-01', 'adjust', 5)",
+        "UPDATE stock_ledger SET delta = delta + 1",
+        "DELETE FROM stock_ledger",
+    ],
+)
+def test_the_ledger_is_written_by_the_database_only(conn: Any, statement: str) -> None:
+    place(conn)  # a reservation row to tamper with
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(statement)
+    _doctor_clean(conn)
