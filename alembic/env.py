@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from orderflow.db import resolve_url, sqlalchemy_url
-from orderflow.schema import metadata
+from orderflow.sql.db import resolve_url, sqlalchemy_url
+from orderflow.sql.schema import metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

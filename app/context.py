@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from orderflow.config import Settings
-from orderflow.service import OrderLimits
+from orderflow.services.service import OrderLimits
 
 # After the database failed a request, later requests wait this long at most
 # for a connection (instead of the pool's full timeout), for this many seconds:

@@ -8,10 +8,10 @@ from typing import Any
 import psycopg
 import pydantic
 
-from app.auth import Unauthorized
-from orderflow.idempotency import KeyInUse, KeyReused, LockLost
-from orderflow.service import InvalidState, NotFound, ValidationFailed
-from statemachine.errors import (
+from orderflow.app.auth import Unauthorized
+from orderflow.services.idempotency import KeyInUse, KeyReused, LockLost
+from orderflow.services.service import InvalidState, NotFound, ValidationFailed
+from orderflow.statemachine.errors import (
     CartAlreadyOrdered,
     CartNotFound,
     IllegalTransition,

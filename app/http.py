@@ -15,9 +15,9 @@ import psycopg_pool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.errors import ApiError, dumps, to_api_error
-from orderflow.idempotency import MAX_KEY_LENGTH
+from orderflow.app.errors import ApiError, dumps, to_api_error
 from orderflow.metrics import HTTP_LATENCY
+from orderflow.services.idempotency import MAX_KEY_LENGTH
 
 log = logging.getLogger("orderflow.http")
 

@@ -15,15 +15,15 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
-from app.context import AppContext
-from app.errors import ApiError, dumps
-from app.http import error_response, json_response
-from app.openapi import openapi_document
-from app.routes import route_handlers
+from orderflow.app.context import AppContext
+from orderflow.app.errors import ApiError, dumps
+from orderflow.app.http import error_response, json_response
+from orderflow.app.openapi import openapi_document
+from orderflow.app.routes import route_handlers
 from orderflow.config import Settings, require_api
-from orderflow.db import connection_options, resolve_url
 from orderflow.metrics import install_database_gauges
-from orderflow.service import OrderLimits
+from orderflow.services.service import OrderLimits
+from orderflow.sql.db import connection_options, resolve_url
 
 DOCS_HTML = """<!doctype html>
 <html lang="en">

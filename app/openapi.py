@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from app.routes import OPERATIONS, Operation
+from orderflow.app.routes import OPERATIONS, Operation
 
 REF = "#/components/schemas/{model}"
 TEXT = {"type": "string"}

@@ -20,11 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import schemas
-from app.auth import Principal, TokenKey, authenticate, verify
-from app.context import AppContext
-from app.errors import ApiError, dumps, to_api_error
-from app.http import (
+from orderflow.app import schemas
+from orderflow.app.auth import Principal, TokenKey, authenticate, verify
+from orderflow.app.context import AppContext
+from orderflow.app.errors import ApiError, dumps, to_api_error
+from orderflow.app.http import (
     Handler,
     idempotency_key,
     json_endpoint,
@@ -34,16 +34,16 @@ from app.http import (
     read_json,
     render,
 )
-from orderflow import service, webhooks
-from orderflow.idempotency import (
+from orderflow.metrics import REGISTRY
+from orderflow.services import service, webhooks
+from orderflow.services.idempotency import (
     Answer,
     IdempotentResult,
     Recover,
     request_fingerprint,
     run_idempotent,
 )
-from orderflow.metrics import REGISTRY
-from statemachine.definition import OrderState
+from orderflow.statemachine.definition import OrderState
 
 ULID_RE = re.compile(schemas.ULID_PATTERN)
 

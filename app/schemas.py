@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from statemachine.definition import OrderState
+from orderflow.statemachine.definition import OrderState
 
 # Bidi embeddings, overrides and isolates: they make a label or a log line
 # read differently from what it holds ("Trojan Source").

@@ -9,11 +9,22 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
-from orderflow import PROJECT_ROOT, migrate
-from orderflow.catalog import load_catalog
-from orderflow.db import connect, create_database, drop_database, resolve_url
+from orderflow.services.catalog import SAMPLE_CATALOG, load_catalog
+from orderflow.sql import QUERIES as PRODUCTION_QUERIES
+from orderflow.sql import migrate, parse_queries
+from orderflow.sql.db import connect, create_database, drop_database, resolve_url
+
+# The benches' own statements live here, out of the production registry that every
+# API and worker loads; the benches see both.
+QUERIES: dict[str, LiteralString] = {
+    **PRODUCTION_QUERIES,
+    **parse_queries(Path(__file__).with_name("bench.sql").read_text("utf-8"), "bench.sql"),
+}
+
+# bench/ is a checkout tool (never in the wheel): its processes run from the checkout.
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
@@ -25,7 +36,7 @@ def scratch_database(prefix: str) -> Iterator[str]:
     try:
         migrate.upgrade(url)
         with connect(url) as conn:
-            load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
+            load_catalog(conn, SAMPLE_CATALOG)
         yield url
     finally:
         drop_database(server, name)

@@ -14,13 +14,12 @@ from typing import Any
 
 import httpx
 
-from bench.common import emit, scratch_database
+from bench.common import QUERIES, emit, scratch_database
 from bench.reports import refresh_all, seed
-from dashboard.security import Access
-from dashboard.web import create_dashboard
-from orderflow.db import connect
-from orderflow.serving import free_port, serve
-from sql import QUERIES
+from orderflow.app.serving import free_port, serve
+from orderflow.dashboard.security import Access
+from orderflow.dashboard.web import create_dashboard
+from orderflow.sql.db import connect
 
 TARGET_MS = 200.0
 

@@ -19,12 +19,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from bench.common import cpu_seconds, emit, peak_rss_mb, scratch_database
-from orderflow import PROJECT_ROOT
-from orderflow.db import connect
-from orderflow.orders import LineRequest, create_order
-from outbox_worker.providers import Ok, Reply
-from sql import QUERIES
+from bench.common import CHECKOUT, QUERIES, cpu_seconds, emit, peak_rss_mb, scratch_database
+from orderflow.outbox_worker.providers import Ok, Reply
+from orderflow.services.orders import LineRequest, create_order
+from orderflow.sql.db import connect
 
 ADDRESS = {"name": "B", "line1": "1 Bench St", "city": "Berlin", "postal_code": "10115",
            "country": "DE"}  # fmt: skip
@@ -97,7 +95,7 @@ class NoopProviders:
 
 def worker_main(url: str, concurrency: int) -> None:
     """The worker process: the real Worker loop with no-op providers."""
-    from outbox_worker.runner import Worker
+    from orderflow.outbox_worker.runner import Worker
 
     worker = Worker(url, NoopProviders(), concurrency=concurrency, housekeeping_s=3600)
     worker.install_signal_handlers()
@@ -138,7 +136,7 @@ def run(rows: int, concurrency: int, preload: int = 0) -> dict[str, Any]:
         proc = subprocess.Popen(
             [sys.executable, "-c",
              f"from bench.dispatch import worker_main; worker_main({url!r}, {concurrency})"],
-            cwd=PROJECT_ROOT,
+            cwd=CHECKOUT,
         )  # fmt: skip
         try:
             time.sleep(2.0)  # imports and the first claim (of nothing) before the clock runs

@@ -18,12 +18,11 @@ from typing import Any
 
 from ulid import ULID
 
-from app.auth import mint_token
-from bench.common import emit, pct_ms, peak_rss_mb, scratch_database
+from bench.common import CHECKOUT, QUERIES, emit, pct_ms, peak_rss_mb, scratch_database
 from bench.loadgen import Phase, drive
-from orderflow.db import connect
-from orderflow.serving import free_port, wait_until_up
-from sql import QUERIES
+from orderflow.app.auth import mint_token
+from orderflow.app.serving import free_port, wait_until_up
+from orderflow.sql.db import connect
 
 SECRET = "bench-secret-bench-secret-bench-secret!"
 ADDRESS = {
@@ -77,6 +76,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         server = subprocess.Popen(
             [sys.executable, "-m", "bench.http_server", "--db-url", url, "--port", str(port)],
             env=env,
+            cwd=CHECKOUT,  # bench/ is importable from the checkout only
         )
         base = f"http://127.0.0.1:{port}"
         try:

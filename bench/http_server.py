@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.context import AppContext
-from app.main import create_app
-from sql import QUERIES
+from bench.common import QUERIES
+from orderflow.app.context import AppContext
+from orderflow.app.main import create_app
 
 
 async def bare_insert(request: Request) -> Response:

@@ -8,10 +8,9 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import emit, scratch_database
-from orderflow.db import connect
-from orderflow.reporting import VIEWS, refresh
-from sql import QUERIES
+from bench.common import QUERIES, emit, scratch_database
+from orderflow.sql.db import connect
+from orderflow.sql.reports import VIEWS, refresh
 
 BATCH = 100_000
 

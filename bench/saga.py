@@ -20,14 +20,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, pct_ms, peak_rss_mb, scratch_database
+from bench.common import CHECKOUT, QUERIES, emit, pct_ms, peak_rss_mb, scratch_database
 from bench.http import _make_carts
-from orderflow import PROJECT_ROOT
-from orderflow.db import connect
-from orderflow.idempotency import Answer, request_fingerprint, run_idempotent
-from orderflow.service import OrderLimits, place_order
-from orderflow.serving import free_port, wait_until_up
-from sql import QUERIES
+from orderflow.app.serving import free_port, wait_until_up
+from orderflow.services.idempotency import Answer, request_fingerprint, run_idempotent
+from orderflow.services.service import OrderLimits, place_order
+from orderflow.sql.db import connect
 
 
 def _place(conn: Any, user: uuid.UUID, cart_id: str, key: str) -> None:
@@ -155,8 +153,8 @@ def run(
             "EMAIL_API_BASE": sandbox_url,
         }
         sandbox = subprocess.Popen(
-            [sys.executable, "-m", "orderflow.cli", "sandbox", "--port", str(port)],
-            cwd=PROJECT_ROOT,
+            [sys.executable, "-m", "orderflow.app.cli", "sandbox", "--port", str(port)],
+            cwd=CHECKOUT,
             env=env,
         )
         procs: list[subprocess.Popen[bytes]] = []
@@ -165,10 +163,10 @@ def run(
             procs = [
                 subprocess.Popen(
                     [
-                        sys.executable, "-m", "orderflow.cli", "worker",
+                        sys.executable, "-m", "orderflow.app.cli", "worker",
                         "--concurrency", str(concurrency), "--log-level", "WARNING",
                     ],
-                    cwd=PROJECT_ROOT,
+                    cwd=CHECKOUT,
                     env=env,
                 )
                 for _ in range(workers)

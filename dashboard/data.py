@@ -12,9 +12,9 @@ from typing import Any
 
 import psycopg
 
-from sql import QUERIES
-from statemachine.definition import OrderState
-from statemachine.graph import mermaid
+from orderflow.sql import QUERIES
+from orderflow.statemachine.definition import OrderState
+from orderflow.statemachine.graph import mermaid
 
 LIST_LIMIT = 50
 FUNNEL_DAYS = 14

@@ -1,6 +1,6 @@
 """Copy the dashboard's third-party browser assets from npm packages into the package.
 
-`python -m dashboard.vendor` (the Makefile runs it on install) installs the
+`python -m orderflow.dashboard.vendor` (the Makefile runs it on install) installs the
 versions pinned in dashboard/assets/package-lock.json with `npm ci` and copies
 the built files, with their licences, into dashboard/static/vendor/.  The page
 loads them from there: nothing comes from a CDN, so it works offline.
@@ -34,7 +34,7 @@ def build(npm: str = "npm") -> None:
     if shutil.which(npm) is None:
         raise SystemExit(
             f"dashboard assets: {npm!r} not found; install Node.js and npm, then run "
-            "`python -m dashboard.vendor` (the dashboard works without them, "
+            "`python -m orderflow.dashboard.vendor` (the dashboard works without them, "
             "showing the state diagram as text and the funnel as a table)"
         )
     subprocess.run(

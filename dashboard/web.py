@@ -26,12 +26,12 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dashboard import data, vendor
-from dashboard.security import COOKIE, SESSION_TTL_S, Access, Session, csrf_ok
 from orderflow.config import Settings
-from orderflow.reporting import plain
-from outbox_worker.operations import RedriveError, redrive
-from sql import QUERIES
+from orderflow.dashboard import data, vendor
+from orderflow.dashboard.security import COOKIE, SESSION_TTL_S, Access, Session, csrf_ok
+from orderflow.outbox_worker.operations import RedriveError, redrive
+from orderflow.sql import QUERIES
+from orderflow.sql.reports import plain
 
 HERE = Path(__file__).resolve().parent
 # A handler behind the access gate: it gets the visitor's session with the request.

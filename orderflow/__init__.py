@@ -1,6 +1,10 @@
-"""orderflow: a PostgreSQL-centric order-fulfillment saga service."""
+"""orderflow: a PostgreSQL-centric order-fulfillment saga service.
 
-from pathlib import Path
-
-# The checkout root: alembic/, sql/ and workflows/ live beside the packages.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+One namespace for the whole product.  The design card's folders stay at the top
+of the checkout (`app/`, `statemachine/`, `outbox_worker/`, `sql/`, `alembic/`)
+with `services/`, `dashboard/` and `sandbox/` beside them; each is a link in this
+folder (`orderflow/app -> ../app`, `orderflow/migrations -> ../alembic`, …), so a
+checkout, an editable install, mypy and pytest all import `orderflow.app…`, and a
+wheel installs one top-level name, `orderflow`.  The modules here are the floor
+below everything: settings, failpoints and metrics.
+"""

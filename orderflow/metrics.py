@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sql import QUERIES
+from orderflow.sql import QUERIES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

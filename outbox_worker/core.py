@@ -23,10 +23,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orderflow import failpoints, payments
+from orderflow import failpoints
 from orderflow.metrics import COMPENSATIONS, DEAD_LETTERS, STEP_LATENCY, STEP_RETRIES
-from orderflow.payments import IntentMismatch, IntentView
-from outbox_worker.outcomes import (
+from orderflow.outbox_worker.outcomes import (
     Action,
     AttemptHistory,
     Kind,
@@ -35,7 +34,7 @@ from outbox_worker.outcomes import (
     decide_crash,
     decide_retry,
 )
-from outbox_worker.steps import (
+from orderflow.outbox_worker.steps import (
     STEP_IMPLEMENTATIONS,
     OrderMoved,
     ProviderCalls,
@@ -45,11 +44,18 @@ from outbox_worker.steps import (
     settled_nothing,
     shipment_row,
 )
-from sql import QUERIES
-from statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState, Step
-from statemachine.engine import advance, advance_many, settle
-from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound, StaleState
-from statemachine.machine import Outcome
+from orderflow.services import payments
+from orderflow.services.payments import IntentMismatch, IntentView
+from orderflow.sql import QUERIES
+from orderflow.statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState, Step
+from orderflow.statemachine.engine import advance, advance_many, settle
+from orderflow.statemachine.errors import (
+    IllegalTransition,
+    InvalidEventDetail,
+    OrderNotFound,
+    StaleState,
+)
+from orderflow.statemachine.machine import Outcome
 
 log = logging.getLogger("orderflow.worker")
 

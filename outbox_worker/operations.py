@@ -6,10 +6,10 @@ from typing import Any
 
 import psycopg
 
-from sql import QUERIES, atomic
-from statemachine.definition import OrderState
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition, OrderflowError
+from orderflow.sql import QUERIES, atomic
+from orderflow.statemachine.definition import OrderState
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import IllegalTransition, OrderflowError
 
 
 class RedriveError(OrderflowError):

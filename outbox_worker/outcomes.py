@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from statemachine.definition import RetryPolicy
+from orderflow.statemachine.definition import RetryPolicy
 
 
 class Kind(StrEnum):

@@ -24,8 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from orderflow.reporting import refresh
-from outbox_worker.core import (
+from orderflow.outbox_worker.core import (
     ClaimedRow,
     StaleLease,
     Success,
@@ -38,10 +37,11 @@ from outbox_worker.core import (
     commit_successes,
     committed,
 )
-from outbox_worker.steps import ProviderCalls, StepSettings
-from sql import QUERIES
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition
+from orderflow.outbox_worker.steps import ProviderCalls, StepSettings
+from orderflow.sql import QUERIES
+from orderflow.sql.reports import refresh
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import IllegalTransition
 
 log = logging.getLogger("orderflow.worker")
 

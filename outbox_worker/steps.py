@@ -28,12 +28,9 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.types.json import Jsonb
 
-from orderflow import payments
 from orderflow.config import Settings
-from orderflow.orders import release_inventory, restock_order
-from orderflow.payments import IntentView
-from outbox_worker.outcomes import Kind, StepOutcome
-from outbox_worker.providers import (
+from orderflow.outbox_worker.outcomes import Kind, StepOutcome
+from orderflow.outbox_worker.providers import (
     Misconfigured,
     NotSent,
     Ok,
@@ -43,9 +40,12 @@ from outbox_worker.providers import (
     Unknown,
     unreadable,
 )
-from sql import QUERIES
-from statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState
-from statemachine.definition import Step as StepSpec
+from orderflow.services import payments
+from orderflow.services.orders import release_inventory, restock_order
+from orderflow.services.payments import IntentView
+from orderflow.sql import QUERIES
+from orderflow.statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState
+from orderflow.statemachine.definition import Step as StepSpec
 
 
 class StripeCalls(Protocol):

@@ -75,8 +75,8 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from sandbox import carrier_api, control, stripe_api
-from sandbox.core import Sandbox
+from orderflow.sandbox import carrier_api, control, stripe_api
+from orderflow.sandbox.core import Sandbox
 
 
 def create_sandbox_app() -> Starlette:

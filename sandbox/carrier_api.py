@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sandbox.core import (
+from orderflow.sandbox.core import (
     CARRIER,
     EMAIL,
     JSON,

@@ -8,9 +8,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sandbox.core import FaultRule, json_body, json_error_body, sandbox_of
-from sandbox.stripe_api import touch
-from sandbox.webhooks import describe, schedule
+from orderflow.sandbox.core import FaultRule, json_body, json_error_body, sandbox_of
+from orderflow.sandbox.stripe_api import touch
+from orderflow.sandbox.webhooks import describe, schedule
 
 _RULE_FIELDS = {f.name: f for f in fields(FaultRule) if f.name not in ("injected", "set_at")}
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from sandbox.core import (
+from orderflow.sandbox.core import (
     JSON,
     STRIPE,
     Call,
@@ -37,7 +37,7 @@ from sandbox.core import (
     snapshot,
     stripe_error_body,
 )
-from sandbox.webhooks import emit
+from orderflow.sandbox.webhooks import emit
 
 GOOD_CARDS = {
     "pm_card_visa": ("visa", "4242"),

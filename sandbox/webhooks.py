@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from sandbox.core import JSON, Event, World, new_id, snapshot
+from orderflow.sandbox.core import JSON, Event, World, new_id, snapshot
 
 API_VERSION = "2024-06-20"
 

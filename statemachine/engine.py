@@ -17,10 +17,15 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from orderflow import failpoints
-from sql import QUERIES, atomic
-from statemachine.definition import EFFECTFUL_STEPS, STEP_SETTLED
-from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound, StaleState
-from statemachine.machine import (
+from orderflow.sql import QUERIES, atomic
+from orderflow.statemachine.definition import EFFECTFUL_STEPS, STEP_SETTLED
+from orderflow.statemachine.errors import (
+    IllegalTransition,
+    InvalidEventDetail,
+    OrderNotFound,
+    StaleState,
+)
+from orderflow.statemachine.machine import (
     HistoryEntry,
     OrderFacts,
     Outcome,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from statemachine.definition import NEXT_COMPENSATION, SETTLED_STATES, TRANSITIONS, OrderState
+from orderflow.statemachine.definition import (
+    NEXT_COMPENSATION,
+    SETTLED_STATES,
+    TRANSITIONS,
+    OrderState,
+)
 
 
 def mermaid(counts: Mapping[str, int] | None = None) -> str:

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from transitions import EventData, Machine, MachineError
 
-from statemachine.definition import (
+from orderflow.statemachine.definition import (
     FORWARD_ACTIONS,
     NEXT_COMPENSATION,
     PLACE_EVENT,
@@ -21,7 +21,7 @@ from statemachine.definition import (
     OrderState,
     Transition,
 )
-from statemachine.errors import IllegalTransition, InvalidEventDetail
+from orderflow.statemachine.errors import IllegalTransition, InvalidEventDetail
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from app.auth import mint_token
+from orderflow.app.auth import mint_token
 
 JWT_SECRET = "test-secret-that-is-at-least-32-bytes-long!"
 JWT_ADMIN_SECRET = "test-admin-secret-another-key-of-32-bytes!"

@@ -17,10 +17,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from orderflow import PROJECT_ROOT, db, migrate
-from orderflow.catalog import load_catalog
-from orderflow.db import connect, libpq_url
-from orderflow.embedded import embedded_url
+from orderflow.services.catalog import SAMPLE_CATALOG, load_catalog
+from orderflow.sql import db, migrate
+from orderflow.sql.db import connect, libpq_url
+from orderflow.sql.embedded import embedded_url
+from tests.support.paths import PROJECT_ROOT
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -49,7 +50,7 @@ def template_db(server_url: str) -> Iterator[str]:
     try:
         migrate.upgrade(url)
         with connect(url) as conn:
-            load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
+            load_catalog(conn, SAMPLE_CATALOG)
         yield name
     finally:
         drop_database(server_url, name)
@@ -92,7 +93,7 @@ def conn(db_url: str) -> Iterator[Conn]:
 
 @pytest.fixture(scope="session")
 def sample_catalog() -> Path:
-    return PROJECT_ROOT / "catalog" / "sample.csv"
+    return SAMPLE_CATALOG
 
 
 # ---------------------------------------------------------------- HTTP
@@ -118,7 +119,7 @@ def api_settings() -> Any:
 def client(db_url: str, api_settings: Any) -> Iterator[Any]:
     from starlette.testclient import TestClient
 
-    from app.main import create_app
+    from orderflow.app.main import create_app
 
     with TestClient(create_app(api_settings, database_url=db_url)) as c:
         yield c
@@ -127,8 +128,8 @@ def client(db_url: str, api_settings: Any) -> Iterator[Any]:
 @pytest.fixture()
 def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
     """A real uvicorn server on a free port, in a thread of this process."""
-    from app.main import create_app
-    from orderflow.serving import free_port, serve
+    from orderflow.app.main import create_app
+    from orderflow.app.serving import free_port, serve
 
     with serve(create_app(api_settings, database_url=db_url), free_port()) as url:
         yield url
@@ -139,8 +140,8 @@ def live_server(db_url: str, api_settings: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[str]:
-    from orderflow.serving import free_port, serve
-    from sandbox.app import create_sandbox_app
+    from orderflow.app.serving import free_port, serve
+    from orderflow.sandbox.app import create_sandbox_app
 
     with serve(create_sandbox_app(), free_port()) as url:
         yield url
@@ -159,7 +160,7 @@ def sandbox(sandbox_server: str) -> Iterator[Any]:
 
 @pytest.fixture()
 def providers(sandbox: Any) -> Iterator[Any]:
-    from outbox_worker.providers import Providers
+    from orderflow.outbox_worker.providers import Providers
 
     p = Providers(sandbox.provider_config())
     yield p
@@ -168,7 +169,7 @@ def providers(sandbox: Any) -> Iterator[Any]:
 
 @pytest.fixture()
 def worker(db_url: str, providers: Any) -> Iterator[Any]:
-    from outbox_worker.runner import Worker
+    from orderflow.outbox_worker.runner import Worker
 
     w = Worker(db_url, providers, concurrency=4, lease_s=5, backoff_scale=0.01)
     yield w

@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from orderflow.orders import LineRequest, PlacedOrder, create_order
+from orderflow.services.orders import LineRequest, PlacedOrder, create_order
 
 ADDRESS = {
     "name": "Grace Hopper",

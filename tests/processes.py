@@ -15,10 +15,10 @@ from typing import Any
 
 import psycopg
 
-from orderflow import PROJECT_ROOT
-from orderflow.orders import LineRequest, create_order
+from orderflow.services.orders import LineRequest, create_order
 from tests.helpers import ADDRESS, mandate_for
 from tests.sandbox_client import SETTLED, check_invariants, states
+from tests.support.paths import PROJECT_ROOT
 
 DECLINED_CARD = "pm_card_chargeDeclined"
 
@@ -35,12 +35,15 @@ def start_worker(
     # never a pipe nobody drains.
     log = (log_dir / f"worker-{time.time_ns()}.log").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "orderflow.cli", "worker", "--lease", "2", "--grace", "5", *extra],
+        [sys.executable, "-m", "orderflow.app.cli", "worker", *WORKER_ARGS, *extra],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=log,
         stderr=log,
     )
+
+
+WORKER_ARGS = ("--lease", "2", "--grace", "5")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from outbox_worker.providers import ProviderConfig
+from orderflow.outbox_worker.providers import ProviderConfig
 
 
 class SandboxClient:
@@ -118,7 +118,7 @@ def states(conn: psycopg.Connection[Any]) -> dict[str, str]:
 
 def check_invariants(conn: psycopg.Connection[Any], effects: list[dict[str, Any]]) -> None:
     """SPEC.md's invariants, as `orderflow doctor` checks them, plus the sandbox's effects."""
-    from orderflow.doctor import report, run_checks
+    from orderflow.services.doctor import report, run_checks
 
     checks = run_checks(conn, effects)
     assert all(c.ok for c in checks), report(checks)

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from orderflow import failpoints
-from orderflow.db import connect
-from statemachine.engine import advance
+from orderflow.sql.db import connect
+from orderflow.statemachine.engine import advance
 from tests.api_helpers import (
     JWT_SECRET,
     auth,
@@ -362,7 +362,7 @@ def test_a_customers_key_cannot_mint_an_operators_token(client: Any, conn: Any) 
 def test_the_issuer_is_checked_when_set(db_url: str, api_settings: Any) -> None:
     from starlette.testclient import TestClient
 
-    from app.main import create_app
+    from orderflow.app.main import create_app
 
     settings = api_settings.model_copy(update={"jwt_issuer": "https://shop.example"})
     with TestClient(create_app(settings, database_url=db_url)) as c:
@@ -382,7 +382,7 @@ def test_missing_or_malformed_authorization_is_401(client: Any) -> None:
 def test_database_unreachable_is_503_quickly(api_settings: Any) -> None:
     from starlette.testclient import TestClient
 
-    from app.main import create_app
+    from orderflow.app.main import create_app
 
     app = create_app(api_settings, database_url="postgresql://postgres@127.0.0.1:1/none")
     with TestClient(app) as c:
@@ -523,7 +523,7 @@ def test_metrics(client: Any, db_url: str) -> None:
 def test_metrics_behind_a_token_when_one_is_set(db_url: str, api_settings: Any) -> None:
     from starlette.testclient import TestClient
 
-    from app.main import create_app
+    from orderflow.app.main import create_app
 
     token = "metrics-token-0123456789"
     settings = api_settings.model_copy(update={"metrics_token": token})
@@ -535,8 +535,8 @@ def test_metrics_behind_a_token_when_one_is_set(db_url: str, api_settings: Any) 
 
 
 def test_the_workers_metrics_server_checks_the_token_too() -> None:
+    from orderflow.app.serving import free_port
     from orderflow.metrics import serve_metrics
-    from orderflow.serving import free_port
 
     port = free_port()
     serve_metrics("127.0.0.1", port, "metrics-token-0123456789")

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from orderflow.db import connect
+from orderflow.sql.db import connect
 from tests.api_helpers import auth, cart_body, order_headers, token
 
 

@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from orderflow.catalog import load_catalog, plan_product, render_changes
-from orderflow.db import connect
-from orderflow.doctor import report, run_checks
-from orderflow.orders import LineRequest, create_order, release_inventory
-from statemachine.engine import advance
-from statemachine.errors import OutOfStock
+from orderflow.services.catalog import load_catalog, plan_product, render_changes
+from orderflow.services.doctor import report, run_checks
+from orderflow.services.orders import LineRequest, create_order, release_inventory
+from orderflow.sql.db import connect
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import OutOfStock
 from tests.helpers import ADDRESS, place
 
 

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from orderflow import PROJECT_ROOT
-from orderflow.cli import main
-from statemachine.definition import TRANSITIONS, OrderState
+from orderflow.app.cli import main
+from orderflow.services.catalog import SAMPLE_CATALOG
+from orderflow.statemachine.definition import TRANSITIONS, OrderState
+from tests.support.paths import PROJECT_ROOT
 
 
 def _run(
     args: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "orderflow.cli", *args],
+        [sys.executable, "-m", "orderflow.app.cli", *args],
         env=env,
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -83,7 +84,7 @@ def test_embedded_default_with_no_database_url(tmp_path: Path) -> None:
     """No DATABASE_URL: an embedded server under ORDERFLOW_HOME, migrated on first use."""
     home = tmp_path / "of"
     env = _env(ORDERFLOW_HOME=str(home))
-    result = _run(["catalog", "load", str(PROJECT_ROOT / "catalog" / "sample.csv")], env)
+    result = _run(["catalog", "load", str(SAMPLE_CATALOG)], env)
     assert result.returncode == 0, result.stderr
     assert "8 products, 32 changes" in result.stdout  # every field of 8 new SKUs
     assert (home / "pgdata" / "PG_VERSION").exists()
@@ -121,7 +122,7 @@ def test_embedded_default_as_an_ordinary_user_despite_a_foreign_lockfile() -> No
                 f"PYTHONPATH={PROJECT_ROOT}:{site}",
                 python,
                 "-m",
-                "orderflow.cli",
+                "orderflow.app.cli",
                 "migrate",
             ],
             capture_output=True,

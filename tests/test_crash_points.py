@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from outbox_worker.runner import Worker
-from statemachine.engine import advance
+from orderflow.outbox_worker.runner import Worker
+from orderflow.statemachine.engine import advance
 from tests.helpers import place
 from tests.processes import start_worker
 from tests.sandbox_client import check_invariants, drain, states

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from dashboard.security import COOKIE, Access, Session
-from dashboard.web import create_dashboard
-from statemachine.definition import OrderState
+from orderflow.dashboard.security import COOKIE, Access, Session
+from orderflow.dashboard.web import create_dashboard
+from orderflow.statemachine.definition import OrderState
 from tests.conftest import Saga
 from tests.sandbox_client import drain, states
 
@@ -105,11 +105,11 @@ def test_live_fragment_is_the_overview_without_the_page(client: TestClient, saga
 def test_assets_come_from_this_site_never_a_cdn(client: TestClient) -> None:
     import shutil
 
-    from dashboard import vendor
+    from orderflow.dashboard import vendor
 
     if vendor.missing() and shutil.which("npm") is None:
         pytest.skip("no npm here: the dashboard runs without its vendored assets")
-    assert vendor.missing() == [], "run `python -m dashboard.vendor`"
+    assert vendor.missing() == [], "run `python -m orderflow.dashboard.vendor`"
     page = client.get("/")
     assert '<script src="/static/vendor/mermaid.min.js">' in page.text
     sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
@@ -254,10 +254,10 @@ def test_redirect_after_redrive_stays_on_this_site(
 
 
 def test_the_dashboard_redrives_with_the_cli_function() -> None:
-    import dashboard.web
-    from outbox_worker import operations
+    from orderflow.dashboard import web
+    from orderflow.outbox_worker import operations
 
-    assert dashboard.web.redrive is operations.redrive  # one code path, not a copy
+    assert web.redrive is operations.redrive  # one code path, not a copy
 
 
 def test_only_the_redrive_and_the_session_routes_accept_post(db_url: str) -> None:
@@ -384,13 +384,13 @@ def test_cli_keeps_the_runs_token_off_its_log(db_url: str, tmp_path: Path) -> No
 
     import httpx
 
-    from orderflow.serving import free_port
+    from orderflow.app.serving import free_port
 
     port = free_port()
     env = {**os.environ, "DATABASE_URL": db_url, "ORDERFLOW_HOME": str(tmp_path)}
     env.pop("ORDERFLOW_DASHBOARD_PASSWORD", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orderflow.cli", "dashboard", "--host", "0.0.0.0",
+        [sys.executable, "-m", "orderflow.app.cli", "dashboard", "--host", "0.0.0.0",
          "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
@@ -427,7 +427,7 @@ def test_cli_keeps_the_runs_token_off_its_log(db_url: str, tmp_path: Path) -> No
 def test_funnel_json_cannot_close_its_script_element() -> None:
     from datetime import date
 
-    from dashboard.web import _funnel_json
+    from orderflow.dashboard.web import _funnel_json
 
     row = {"day": date(2026, 1, 2), "placed": "</script><script>alert(1)</script>"}
     row |= {"paid": 0, "shipped": 0, "confirmed": 0, "cancelled": 0}

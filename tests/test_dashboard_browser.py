@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 
-from dashboard import vendor
-from dashboard.security import Access
-from dashboard.web import create_dashboard
-from orderflow import PROJECT_ROOT, reporting
-from orderflow.serving import free_port, serve
+from orderflow.app.serving import free_port, serve
+from orderflow.dashboard import vendor
+from orderflow.dashboard.security import Access
+from orderflow.dashboard.web import create_dashboard
+from orderflow.sql import reports as reporting
 from tests.conftest import Saga
 from tests.helpers import place
+from tests.support.paths import PROJECT_ROOT
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 
@@ -52,7 +53,7 @@ def browser() -> Iterator[Any]:
     if vendor.missing():
         pytest.fail(
             f"dashboard assets missing ({', '.join(vendor.missing())}): "
-            "run `python -m dashboard.vendor` (the Makefile does on install)"
+            "run `python -m orderflow.dashboard.vendor` (the Makefile does on install)"
         )
     from playwright.sync_api import sync_playwright
 

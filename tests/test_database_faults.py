@@ -20,12 +20,12 @@ import httpx
 import psycopg
 import pytest
 
-from app.main import create_app
-from orderflow import PROJECT_ROOT, migrate
-from orderflow.catalog import load_catalog
-from orderflow.db import connect
-from orderflow.embedded import _servers, embedded_url
-from orderflow.serving import free_port, serve
+from orderflow.app.main import create_app
+from orderflow.app.serving import free_port, serve
+from orderflow.services.catalog import SAMPLE_CATALOG, load_catalog
+from orderflow.sql import migrate
+from orderflow.sql.db import connect
+from orderflow.sql.embedded import _servers, embedded_url
 from tests.api_helpers import auth, cart_body, order_headers, token
 from tests.chaos_proxy import CommitAckDropper
 from tests.processes import add_stock, settle_and_check, start_worker
@@ -64,7 +64,7 @@ def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
     url = embedded_url(state)
     migrate.upgrade(url)
     with connect(url) as conn:
-        load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv")
+        load_catalog(conn, SAMPLE_CATALOG)
         add_stock(conn, "NOTE-A5", 1000)
     server = _servers[state / "pgdata"]
     yield PrivateServer(url, server)

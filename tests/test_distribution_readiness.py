@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orderflow import PROJECT_ROOT
+from tests.support.paths import PROJECT_ROOT
 
 PER_ORDER_TABLES = (
     "order_lines",

@@ -7,12 +7,12 @@ import subprocess
 import sys
 from typing import Any
 
-from orderflow import PROJECT_ROOT
-from orderflow.doctor import out_of_order_compensations, run_checks
-from outbox_worker.runner import Worker
-from statemachine.engine import advance
+from orderflow.outbox_worker.runner import Worker
+from orderflow.services.doctor import out_of_order_compensations, run_checks
+from orderflow.statemachine.engine import advance
 from tests.helpers import place
 from tests.sandbox_client import drain
+from tests.support.paths import PROJECT_ROOT
 
 
 def _failing(conn: Any, effects: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
@@ -43,7 +43,7 @@ def test_clean_after_real_sagas_and_each_check_can_fail(
     assert _failing(conn, effects) == {}
 
     env = {**os.environ, "DATABASE_URL": db_url}
-    cli = [sys.executable, "-m", "orderflow.cli", "doctor", "--sandbox", sandbox.url]
+    cli = [sys.executable, "-m", "orderflow.app.cli", "doctor", "--sandbox", sandbox.url]
     result = subprocess.run(cli, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("[pass]") == 10

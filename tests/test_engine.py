@@ -10,11 +10,11 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from orderflow import failpoints
-from orderflow.db import connect
-from sql import QUERIES
-from statemachine.definition import TRANSITIONS, OrderState
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound
+from orderflow.sql import QUERIES
+from orderflow.sql.db import connect
+from orderflow.statemachine.definition import TRANSITIONS, OrderState
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import IllegalTransition, InvalidEventDetail, OrderNotFound
 from tests.helpers import outbox_steps, place, snapshot, state_of
 
 Ev = tuple[str, dict[str, Any]]
@@ -447,7 +447,7 @@ def test_a_capture_already_recorded_releases_the_hold_instead_of_failing(
 ) -> None:
     """A reconciliation records the capture while the charge is still unsettled; the
     charge then reports the same capture: engine.settle turns it into step_settled."""
-    from statemachine.engine import settle
+    from orderflow.statemachine.engine import settle
 
     order = place(conn)
     _charge_in_flight(conn, order.id)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from orderflow.db import connect
+from orderflow.sql.db import connect
 from tests.api_helpers import auth, cart_body, new_cart, order_headers, token
 from tests.secrets_scan import SECRET_PATTERNS, assert_no_secrets, find_secrets
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from sql import QUERIES
+from orderflow.sql import QUERIES
 from tests.api_helpers import auth, new_cart, order_headers, token
 
 PURGE = QUERIES["purge_idempotency_keys"]  # the worker's housekeeping; here with a 0 h retention
@@ -68,7 +68,7 @@ def test_the_same_key_with_another_body_after_the_purge_is_a_reuse(conn: Any, cl
 
 
 def test_a_return_replayed_after_the_purge_gets_its_answer(conn: Any, client: Any) -> None:
-    from statemachine.engine import advance
+    from orderflow.statemachine.engine import advance
 
     user = uuid.uuid4()
     tok = token(user)
@@ -92,7 +92,7 @@ def test_replays_racing_the_purge_never_answer_5xx(
 ) -> None:
     """200 replays of 10 keys (half with another body) while the purge runs
     over and over: only 201, 409 (in flight) and 422 (reuse)."""
-    from orderflow.db import connect
+    from orderflow.sql.db import connect
 
     with httpx.Client(base_url=live_server, timeout=30) as http:
         keys = []
@@ -145,7 +145,7 @@ def test_new_keys_racing_the_purge_never_answer_5xx(
     """The purge removing a key row while its request is in phase 2 (or two
     requests with one key, each after a purge): only 201, 409 and 422, and one
     order per key at most."""
-    from orderflow.db import connect
+    from orderflow.sql.db import connect
 
     with httpx.Client(base_url=live_server, timeout=30) as http:
         keys = []
@@ -195,7 +195,7 @@ def test_a_key_purged_between_phase_ones_statements_is_a_new_key(
 ) -> None:
     """Phase 1 finds the key's row, then the purge deletes it before phase 1 can
     lock it: the request starts over with the key free (no assert, no 5xx)."""
-    from orderflow.db import connect
+    from orderflow.sql.db import connect
 
     tok = token(uuid.uuid4())
     with httpx.Client(base_url=live_server, timeout=30) as http:

@@ -10,10 +10,10 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
-from orderflow import migrate
-from orderflow.db import connect, sqlalchemy_url
-from orderflow.schema import metadata
-from statemachine.definition import STEP_NAMES, OrderState
+from orderflow.sql import migrate
+from orderflow.sql.db import connect, sqlalchemy_url
+from orderflow.sql.schema import metadata
+from orderflow.statemachine.definition import STEP_NAMES, OrderState
 
 
 def _tables(url: str) -> set[str]:
@@ -40,7 +40,7 @@ def test_processes_starting_together_migrate_one_at_a_time(empty_db_url: str) ->
     import subprocess
     import sys
 
-    code = "import sys; from orderflow import migrate; migrate.upgrade(sys.argv[1])"
+    code = "import sys; from orderflow.sql import migrate; migrate.upgrade(sys.argv[1])"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, empty_db_url], stderr=subprocess.PIPE, text=True

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 from orderflow import failpoints
-from orderflow.db import connect
-from orderflow.orders import consume_reservation, release_inventory, restock_order
-from statemachine.errors import MixedCurrency, OutOfStock, UnknownSku
+from orderflow.services.orders import consume_reservation, release_inventory, restock_order
+from orderflow.sql.db import connect
+from orderflow.statemachine.errors import MixedCurrency, OutOfStock, UnknownSku
 from tests.helpers import place, snapshot
 
 

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from orderflow import webhooks
-from orderflow.reconcile import reconcile
-from outbox_worker.core import call_step, claim, commit_step
-from outbox_worker.providers import NotSent, Reply
-from outbox_worker.runner import Worker
+from orderflow.outbox_worker.core import call_step, claim, commit_step
+from orderflow.outbox_worker.providers import NotSent, Reply
+from orderflow.outbox_worker.runner import Worker
+from orderflow.services import webhooks
+from orderflow.services.reconcile import reconcile
 from tests.helpers import place
 from tests.sandbox_client import check_invariants, states
 

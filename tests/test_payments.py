@@ -21,10 +21,10 @@ import stripe
 
 from orderflow import failpoints
 from orderflow.config import Settings
-from orderflow.doctor import run_checks
-from outbox_worker.runner import Worker
-from outbox_worker.steps import StepSettings
-from statemachine.engine import advance
+from orderflow.outbox_worker.runner import Worker
+from orderflow.outbox_worker.steps import StepSettings
+from orderflow.services.doctor import run_checks
+from orderflow.statemachine.engine import advance
 from tests.api_helpers import JWT_SECRET, auth, token
 from tests.helpers import place
 from tests.sandbox_client import check_invariants, drain, states
@@ -304,8 +304,8 @@ def test_a_bank_debit_processing_then_settling(
 @pytest.fixture()
 def webhook_api(db_url: str) -> Iterator[str]:
     """The HTTP API with the webhook secret set, served for the sandbox to call."""
-    from app.main import create_app
-    from orderflow.serving import free_port, serve
+    from orderflow.app.main import create_app
+    from orderflow.app.serving import free_port, serve
 
     settings = Settings(
         database_url=None,
@@ -536,7 +536,7 @@ def test_a_payment_intent_without_optional_fields_is_read(
 ) -> None:
     """A Stripe-compatible answer that omits optional fields (amount_received,
     next_action...) is read as Stripe documents it, not a crash."""
-    from orderflow.payments import IntentView
+    from orderflow.services.payments import IntentView
 
     view = IntentView.parse({"id": "pi_1", "status": "succeeded"})
     assert view is not None and view.amount_received == 0 and view.event() == "payment_captured"
@@ -548,7 +548,7 @@ def test_a_payment_intent_without_optional_fields_is_read(
 
 
 def _stripe(sandbox: Any) -> Any:
-    from outbox_worker.providers import StripeApi
+    from orderflow.outbox_worker.providers import StripeApi
 
     return StripeApi(sandbox.provider_config())
 
@@ -570,7 +570,7 @@ def _charge_behind_our_back(sandbox: Any, order_id: str, amount: int) -> str:
 def test_reconcile_refunds_a_capture_missed_on_a_cancelled_order(
     db_url: str, conn: Any, worker: Worker, sandbox: Any
 ) -> None:
-    from orderflow.reconcile import reconcile
+    from orderflow.services.reconcile import reconcile
 
     order = place(conn)
     _expire(conn, order.id)
@@ -603,7 +603,7 @@ def test_reconcile_cancels_an_orphan_intent_and_reports_money_on_one(
     import subprocess
     import sys
 
-    from orderflow import PROJECT_ROOT
+    from tests.support.paths import PROJECT_ROOT
 
     order = place(conn)
     drain(worker, conn)
@@ -616,7 +616,7 @@ def test_reconcile_cancels_an_orphan_intent_and_reports_money_on_one(
                 "metadata": {"order_id": order.id}},
     )  # fmt: skip
     env = {"DATABASE_URL": db_url, **sandbox.env()}
-    cli = [sys.executable, "-m", "orderflow.cli", "reconcile", "--since", "1h"]
+    cli = [sys.executable, "-m", "orderflow.app.cli", "reconcile", "--since", "1h"]
     done = subprocess.run(cli, env={**os.environ, **env}, cwd=PROJECT_ROOT,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

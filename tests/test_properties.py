@@ -16,10 +16,10 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orderflow.db import connect
-from statemachine.definition import NEXT_COMPENSATION, TRANSITIONS
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition, InvalidEventDetail
+from orderflow.sql.db import connect
+from orderflow.statemachine.definition import NEXT_COMPENSATION, TRANSITIONS
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import IllegalTransition, InvalidEventDetail
 from tests.helpers import place, snapshot
 
 COMPENSATIONS = ["cancel_shipment", "refund_payment", "release_inventory"]

@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from orderflow import PROJECT_ROOT
-from orderflow.reporting import SNAPSHOTS, VIEWS, fetch, refresh
-from statemachine.definition import STATE_TIMEOUT_MINUTES, OrderState
+from orderflow.sql.reports import SNAPSHOTS, VIEWS, fetch, refresh
+from orderflow.statemachine.definition import STATE_TIMEOUT_MINUTES, OrderState
+from tests.support.paths import PROJECT_ROOT
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 D1 = (NOW - timedelta(days=3)).replace(hour=10, minute=0, second=0)
@@ -259,14 +259,14 @@ def test_reporting_reader_sees_views_and_nothing_else(conn: Any, known: dict[str
 def test_report_json_parses(db_url: str, known: dict[str, str]) -> None:
     env = {**os.environ, "DATABASE_URL": db_url}
     out = subprocess.run(
-        [sys.executable, "-m", "orderflow.cli", "report", "--format", "json"],
+        [sys.executable, "-m", "orderflow.app.cli", "report", "--format", "json"],
         env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     reports = json.loads(out)
     assert set(reports) == set(VIEWS)
     assert {r["state"]: r["orders"] for r in reports["order_states"]}["confirmed"] == 2
     table = subprocess.run(
-        [sys.executable, "-m", "orderflow.cli", "report", "stuck_orders"],
+        [sys.executable, "-m", "orderflow.app.cli", "report", "stuck_orders"],
         env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert known["E"] in table and "charge_payment" in table

@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orderflow.serving import free_port, serve
-from sandbox.app import create_sandbox_app
+from orderflow.app.serving import free_port, serve
+from orderflow.sandbox.app import create_sandbox_app
 
 SECRET = "whsec_test_sandbox_secret"
 WEEK = 604800

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from orderflow import PROJECT_ROOT
-from orderflow.cli import main
+from orderflow.app.cli import main
 from orderflow.config import (
     FREE_TEXT,
     SECRET_FIELDS,
@@ -22,6 +21,7 @@ from orderflow.config import (
     require_providers,
     settings_table,
 )
+from tests.support.paths import PROJECT_ROOT
 
 FIELDS = {f.alias: f for f in Settings.model_fields.values()}
 BAD = [
@@ -65,7 +65,7 @@ def test_a_bad_value_stops_every_command_with_one_line(
 
 def test_a_bad_value_is_exit_2_in_a_real_process() -> None:
     env = {**os.environ, "ORDER_MAX_TOTAL_CENTS": "abc", "ORDERFLOW_POOL_TIMEOUT": "1.5x"}
-    done = subprocess.run([sys.executable, "-m", "orderflow.cli", "migrate"], env=env,
+    done = subprocess.run([sys.executable, "-m", "orderflow.app.cli", "migrate"], env=env,
                           capture_output=True, text=True, cwd=PROJECT_ROOT)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.startswith("orderflow: ORDER") and "Traceback" not in done.stderr
@@ -113,7 +113,7 @@ def test_a_missing_stripe_key_is_fine_when_every_provider_is_the_local_sandbox(
 def test_the_worker_command_exits_2_naming_what_is_missing(tmp_path: Any) -> None:
     env = {k: v for k, v in os.environ.items() if k not in FIELDS}
     env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/none"
-    done = subprocess.run([sys.executable, "-m", "orderflow.cli", "worker"], env=env,
+    done = subprocess.run([sys.executable, "-m", "orderflow.app.cli", "worker"], env=env,
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "SHIPPING_API_BASE" in done.stderr, done.stderr
 

@@ -8,8 +8,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from orderflow import PROJECT_ROOT
-from sql import QUERIES, parse_queries
+from bench.common import QUERIES  # the production statements and the benches' own
+from orderflow.sql import QUERIES as PRODUCTION_QUERIES
+from orderflow.sql import parse_queries
+from tests.support.paths import PROJECT_ROOT
 
 
 def test_parse_named_queries() -> None:
@@ -33,12 +35,25 @@ def test_parse_rejects_malformed_files(text: str) -> None:
 def test_no_sql_built_with_fstrings() -> None:
     """Statements live in sql/*.sql; Python code only names them."""
     offenders = []
-    for folder in ("orderflow", "statemachine", "outbox_worker", "app"):
+    for folder in (
+        "orderflow",
+        "app",
+        "services",
+        "statemachine",
+        "outbox_worker",
+        "sql",
+        "dashboard",
+        "bench",
+    ):
         for path in (PROJECT_ROOT / folder).rglob("*.py"):
             text = path.read_text(encoding="utf-8")
             if re.search(r'f"""?\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b', text, re.IGNORECASE):
                 offenders.append(str(path))
     assert offenders == []
+
+
+def test_the_benches_statements_stay_out_of_production() -> None:
+    assert not [name for name in PRODUCTION_QUERIES if name.startswith("bench_")]
 
 
 @pytest.mark.parametrize("name", sorted(QUERIES))

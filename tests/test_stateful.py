@@ -30,11 +30,11 @@ from hypothesis.stateful import (
 from psycopg.rows import dict_row
 from starlette.testclient import TestClient
 
-from app.main import create_app
 from orderflow import failpoints
-from orderflow.serving import free_port, serve
-from outbox_worker.providers import Providers
-from outbox_worker.runner import Worker
+from orderflow.app.main import create_app
+from orderflow.app.serving import free_port, serve
+from orderflow.outbox_worker.providers import Providers
+from orderflow.outbox_worker.runner import Worker
 from tests.api_helpers import auth, cart_body, order_headers, token
 from tests.conftest import create_database, drop_database
 from tests.helpers import MANDATE

@@ -10,11 +10,11 @@ import psycopg
 import pytest
 
 from orderflow import failpoints
-from orderflow.db import connect
-from outbox_worker.core import Success, WorkerConfig, claim, commit_successes, process
-from outbox_worker.outcomes import StepOutcome
-from outbox_worker.runner import Worker
-from statemachine.engine import advance
+from orderflow.outbox_worker.core import Success, WorkerConfig, claim, commit_successes, process
+from orderflow.outbox_worker.outcomes import StepOutcome
+from orderflow.outbox_worker.runner import Worker
+from orderflow.sql.db import connect
+from orderflow.statemachine.engine import advance
 from tests.helpers import place
 from tests.sandbox_client import check_invariants, drain, states
 
@@ -248,7 +248,7 @@ def test_capture_after_expiry_is_refunded(conn: Any, worker: Worker, sandbox: An
 
 
 def test_return_flow(conn: Any, worker: Worker, sandbox: Any) -> None:
-    from statemachine.engine import advance
+    from orderflow.statemachine.engine import advance
 
     stock = _available(conn, "PEN-05")
     order = place(conn, [("PEN-05", 1)])
@@ -276,7 +276,7 @@ def test_return_flow(conn: Any, worker: Worker, sandbox: Any) -> None:
 
 
 def test_dead_letter_and_redrive(conn: Any, worker: Worker, sandbox: Any) -> None:
-    from outbox_worker.operations import redrive
+    from orderflow.outbox_worker.operations import redrive
 
     sandbox.faults({"endpoint": "email", "mode": "error", "status": 500})
     order = place(conn)
@@ -420,7 +420,7 @@ def test_a_held_lock_fails_the_commit_instead_of_hanging_the_worker(
     (an operator's open transaction) fails the step's commit, which goes back to
     be retried, instead of hanging a worker whose heartbeat would keep the lease."""
     from orderflow.config import load_settings
-    from orderflow.db import connection_options
+    from orderflow.sql.db import connection_options
 
     settings = load_settings(ORDERFLOW_LOCK_TIMEOUT_MS=200)
     worker = Worker(db_url, providers, concurrency=1, lease_s=30, backoff_scale=0.01,

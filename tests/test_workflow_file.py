@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orderflow import PROJECT_ROOT
-from statemachine.definition import (
+from orderflow.statemachine.definition import (
     FORWARD_ACTIONS,
     FORWARD_RETRY,
     STATE_TIMEOUT_MINUTES,
@@ -19,8 +18,9 @@ from statemachine.definition import (
     OrderState,
     Transition,
 )
+from tests.support.paths import PROJECT_ROOT
 
-WORKFLOW = PROJECT_ROOT / "workflows" / "order-fulfillment.osop.yaml"
+WORKFLOW = PROJECT_ROOT / "statemachine" / "order-fulfillment.osop.yaml"
 NODES = {n.id: n for n in WORKFLOW_NODES}
 
 

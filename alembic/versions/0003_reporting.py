@@ -9,6 +9,7 @@ later migration that changes a view re-runs them the same way.
 """
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -19,7 +20,8 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-VIEWS_DIR = Path(__file__).resolve().parents[2] / "sql" / "reporting"
+# The views' SQL is package data of orderflow.sql (installed or in a checkout).
+VIEWS_DIR = Path(str(resources.files("orderflow.sql") / "reporting"))
 
 # (state, position, minutes before an order in it counts as stuck; NULL: never)
 STATE_TIMEOUTS = [

@@ -11,6 +11,7 @@ live views (order_states, stuck_orders, outbox_backlog) stay live.
 """
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 from alembic import op
@@ -20,7 +21,8 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-SNAPSHOTS_DIR = Path(__file__).resolve().parents[2] / "sql" / "reporting" / "snapshots"
+# The snapshots' SQL is package data of orderflow.sql (installed or in a checkout).
+SNAPSHOTS_DIR = Path(str(resources.files("orderflow.sql") / "reporting" / "snapshots"))
 SNAPSHOTS = ("funnel", "state_durations", "compensations", "daily_sales")
 
 

@@ -6,6 +6,7 @@ Create Date: 2026-11-22
 """
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 from alembic import op
@@ -15,7 +16,8 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-VIEWS_DIR = Path(__file__).resolve().parents[2] / "sql" / "reporting"
+# The views' SQL is package data of orderflow.sql (installed or in a checkout).
+VIEWS_DIR = Path(str(resources.files("orderflow.sql") / "reporting"))
 
 
 def upgrade() -> None:

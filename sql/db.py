@@ -9,7 +9,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from orderflow.config import Settings
-from orderflow.embedded import embedded_url
+from orderflow.sql.embedded import embedded_url
 
 NOTIFY_CHANNEL = "orderflow_outbox"
 

@@ -21,13 +21,12 @@ from typing import Any
 import httpx
 import psycopg
 
-from orderflow import PROJECT_ROOT
-from orderflow.catalog import load_catalog
+from orderflow.app.serving import free_port, serve
 from orderflow.config import Settings
-from orderflow.db import connect
-from orderflow.reporting import VIEWS, fetch, refresh, render_table
-from orderflow.serving import free_port, serve
-from sql import QUERIES
+from orderflow.services.catalog import SAMPLE_CATALOG, load_catalog
+from orderflow.sql import QUERIES
+from orderflow.sql.db import connect
+from orderflow.sql.reports import VIEWS, fetch, refresh, render_table
 
 ADDRESS = {
     "name": "Ada Lovelace",
@@ -71,16 +70,16 @@ def plans(n: int) -> list[Plan]:
 def run_demo(
     settings: Settings, url: str, orders: int = 50, keep_running: bool = False
 ) -> dict[str, int]:
-    from app.auth import mint_token
-    from app.main import create_app
-    from outbox_worker.providers import ProviderConfig, Providers
-    from outbox_worker.runner import Worker
-    from sandbox.app import create_sandbox_app
+    from orderflow.app.auth import mint_token
+    from orderflow.app.main import create_app
+    from orderflow.outbox_worker.providers import ProviderConfig, Providers
+    from orderflow.outbox_worker.runner import Worker
+    from orderflow.sandbox.app import create_sandbox_app
 
     started = time.monotonic()
     with connect(url) as conn:
-        count = load_catalog(conn, PROJECT_ROOT / "catalog" / "sample.csv").products
-    print(f"catalog: {count} products from catalog/sample.csv")
+        count = load_catalog(conn, SAMPLE_CATALOG).products
+    print(f"catalog: {count} products from the sample catalog")
     secret = settings.jwt_secret or secrets.token_hex(32)
     admin_secret = settings.jwt_admin_secret or secrets.token_hex(32)
     webhook_secret = f"whsec_{secrets.token_hex(16)}"

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.rows import dict_row
 
-from orderflow import payments
-from orderflow.payments import IntentMismatch, IntentView
-from sql import QUERIES
-from statemachine.definition import OrderState
-from statemachine.errors import IllegalTransition, InvalidEventDetail
+from orderflow.services import payments
+from orderflow.services.payments import IntentMismatch, IntentView
+from orderflow.sql import QUERIES
+from orderflow.statemachine.definition import OrderState
+from orderflow.statemachine.errors import IllegalTransition, InvalidEventDetail
 
 
 class Reply(Protocol):

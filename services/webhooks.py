@@ -30,12 +30,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orderflow import payments
-from orderflow.payments import IntentMismatch, IntentView
-from sql import QUERIES, atomic
-from statemachine.definition import OrderState
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition, InvalidEventDetail
+from orderflow.services import payments
+from orderflow.services.payments import IntentMismatch, IntentView
+from orderflow.sql import QUERIES, atomic
+from orderflow.statemachine.definition import OrderState
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import IllegalTransition, InvalidEventDetail
 
 INTENT_EVENTS = frozenset(
     {

@@ -3,23 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from orderflow.config import Settings, SettingsError, load_settings
 
 
+def _bench(name: str) -> Any:
+    """A module of bench/, the benchmarks: a checkout tool, never in the wheel, so it
+    is found beside the code folders of the checkout this command runs from."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as exc:
+        raise SettingsError(
+            "orderflow bench: the benchmarks run from a checkout of orderflow"
+            " (bench/ is not installed)"
+        ) from exc
+
+
 def _migrate(url: str, settings: Settings) -> None:
-    from orderflow import migrate
+    from orderflow.sql import migrate
 
     migrate.upgrade(url, lock_timeout_ms=settings.migration_lock_timeout_ms)
 
 
 def _connect_migrated(settings: Settings):  # type: ignore[no-untyped-def]
-    from orderflow.db import connect, resolve_url
+    from orderflow.sql.db import connect, resolve_url
 
     url = resolve_url(settings)
     _migrate(url, settings)
@@ -27,8 +44,8 @@ def _connect_migrated(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow import migrate
-    from orderflow.db import resolve_url
+    from orderflow.sql import migrate
+    from orderflow.sql.db import resolve_url
 
     migrate.upgrade(
         resolve_url(settings), args.revision, lock_timeout_ms=settings.migration_lock_timeout_ms
@@ -38,14 +55,14 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
-    from statemachine.graph import mermaid
+    from orderflow.statemachine.graph import mermaid
 
     sys.stdout.write(mermaid())
     return 0
 
 
 def cmd_catalog_load(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.catalog import CatalogError, load_catalog, render_changes
+    from orderflow.services.catalog import CatalogError, load_catalog, render_changes
 
     try:
         with _connect_migrated(settings) as conn:
@@ -58,13 +75,13 @@ def cmd_catalog_load(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.demo import run_demo
+    from orderflow.app.demo import run_demo
 
     where = (
         "DATABASE_URL" if settings.database_url else f"embedded Postgres in {settings.state_dir}"
     )
     print(f"orderflow demo on {where}")
-    from orderflow.db import resolve_url
+    from orderflow.sql.db import resolve_url
 
     url = resolve_url(settings)
     _migrate(url, settings)
@@ -75,9 +92,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from orderflow.app.main import create_app
     from orderflow.config import require_api
-    from orderflow.db import resolve_url
+    from orderflow.sql.db import resolve_url
 
     require_api(settings)
     url = resolve_url(settings)
@@ -95,9 +112,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from dashboard import vendor
-    from dashboard.web import access_from_settings, create_dashboard
-    from orderflow.db import resolve_url
+    from orderflow.dashboard import vendor
+    from orderflow.dashboard.web import access_from_settings, create_dashboard
+    from orderflow.sql.db import resolve_url
 
     url = resolve_url(settings)
     _migrate(url, settings)
@@ -120,7 +137,8 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
         print("orderflow dashboard: ORDERFLOW_DASHBOARD_PASSWORD logs in too", flush=True)
     if vendor.missing():
         print(
-            "orderflow dashboard: browser assets missing (run `python -m dashboard.vendor`);"
+            "orderflow dashboard: browser assets missing"
+            " (run `python -m orderflow.dashboard.vendor`);"
             " the diagram shows as text and the funnel as a table",
             file=sys.stderr,
         )
@@ -138,7 +156,7 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     import uuid
 
-    from app.auth import mint_token
+    from orderflow.app.auth import mint_token
 
     secret = settings.jwt_admin_secret if args.admin else settings.jwt_secret
     if not secret:
@@ -163,9 +181,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.http import main as bench_http
-
-    return bench_http(args.seconds, args.concurrency)
+    return int(_bench("http").main(args.seconds, args.concurrency))
 
 
 def _wait_for_database(attempt: Callable[[], None], stop: threading.Event) -> bool:
@@ -202,11 +218,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_early.set())
 
-    from orderflow.db import connection_options, resolve_url
-    from outbox_worker.logs import configure
-    from outbox_worker.providers import ProviderConfig, Providers
-    from outbox_worker.runner import Worker
-    from outbox_worker.steps import StepSettings
+    from orderflow.outbox_worker.logs import configure
+    from orderflow.outbox_worker.providers import ProviderConfig, Providers
+    from orderflow.outbox_worker.runner import Worker
+    from orderflow.outbox_worker.steps import StepSettings
+    from orderflow.sql.db import connection_options, resolve_url
 
     configure(args.log_level)
     url = resolve_url(settings)
@@ -247,14 +263,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from sandbox.app import create_sandbox_app
+    from orderflow.sandbox.app import create_sandbox_app
 
     uvicorn.run(create_sandbox_app(), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def cmd_outbox_list(args: argparse.Namespace, settings: Settings) -> int:
-    from sql import QUERIES
+    from orderflow.sql import QUERIES
 
     with _connect_migrated(settings) as conn:
         rows = conn.execute(
@@ -272,7 +288,7 @@ def cmd_outbox_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from outbox_worker.operations import RedriveError, redrive
+    from orderflow.outbox_worker.operations import RedriveError, redrive
 
     with _connect_migrated(settings) as conn:
         try:
@@ -288,21 +304,16 @@ PRELOAD_HELP = "first load this many finished orders with their history (flat-co
 
 
 def cmd_bench_dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.dispatch import main as bench_dispatch
-
-    return bench_dispatch(args.rows, args.concurrency, args.preload)
+    return int(_bench("dispatch").main(args.rows, args.concurrency, args.preload))
 
 
 def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.saga import main as bench_saga
-
-    return bench_saga(
-        args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload
-    )
+    run = _bench("saga").main
+    return int(run(args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload))
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.reporting import VIEWS, fetch, refresh, render_csv, render_json, render_table
+    from orderflow.sql.reports import VIEWS, fetch, refresh, render_csv, render_json, render_table
 
     names = [args.name] if args.name else list(VIEWS)
     if args.name and args.name not in VIEWS:
@@ -326,29 +337,24 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_reports(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.reports import main_reports
-
-    return main_reports(args.orders)
+    return int(_bench("reports").main_reports(args.orders))
 
 
 def cmd_bench_dashboard(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.dashboard import main as bench_dashboard
-
-    return bench_dashboard(args.orders, args.dead_letters, args.repeat)
+    return int(_bench("dashboard").main(args.orders, args.dead_letters, args.repeat))
 
 
 def cmd_bench_seed(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.reports import main_seed
-    from orderflow.db import resolve_url
+    from orderflow.sql.db import resolve_url
 
     url = resolve_url(settings)
     _migrate(url, settings)
-    return main_seed(url, args.orders)
+    return int(_bench("reports").main_seed(url, args.orders))
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.doctor import report, run_checks
-    from outbox_worker.providers import ProviderConfig, StripeApi
+    from orderflow.outbox_worker.providers import ProviderConfig, StripeApi
+    from orderflow.services.doctor import report, run_checks
 
     effects = None
     stripe = None
@@ -382,8 +388,8 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.reconcile import StripeUnavailable, reconcile, render
-    from outbox_worker.providers import ProviderConfig, StripeApi
+    from orderflow.outbox_worker.providers import ProviderConfig, StripeApi
+    from orderflow.services.reconcile import StripeUnavailable, reconcile, render
 
     if not settings.stripe_api_key:
         raise SettingsError("orderflow reconcile: set STRIPE_API_KEY (and STRIPE_API_BASE)")

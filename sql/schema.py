@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 
-from statemachine.definition import STEP_NAMES, OrderState
+from orderflow.statemachine.definition import STEP_NAMES, OrderState
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

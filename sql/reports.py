@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from sql import QUERIES
+from orderflow.sql import QUERIES
 
 VIEWS: tuple[str, ...] = (
     "order_states",

@@ -15,8 +15,8 @@ from psycopg.types.json import Jsonb
 from ulid import ULID
 
 from orderflow import failpoints
-from sql import QUERIES, atomic
-from statemachine.errors import (
+from orderflow.sql import QUERIES, atomic
+from orderflow.statemachine.errors import (
     CartAlreadyOrdered,
     CartNotFound,
     MixedCurrency,
@@ -24,7 +24,7 @@ from statemachine.errors import (
     OutOfStock,
     UnknownSku,
 )
-from statemachine.machine import PLACE_TRANSITION
+from orderflow.statemachine.machine import PLACE_TRANSITION
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sql import QUERIES
-from statemachine.errors import OrderflowError
+from orderflow.sql import QUERIES
+from orderflow.statemachine.errors import OrderflowError
 
 MAX_KEY_LENGTH = 255
 

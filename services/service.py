@@ -22,12 +22,12 @@ from psycopg.types.json import Jsonb
 from ulid import ULID
 
 from orderflow.config import Settings
-from orderflow.countries import ISO_3166_ALPHA2
-from orderflow.orders import PlacedOrder, insert_order, new_order_id, reserve
-from sql import QUERIES, atomic
-from statemachine.definition import OrderState
-from statemachine.engine import advance
-from statemachine.errors import IllegalTransition, OrderflowError
+from orderflow.services.countries import ISO_3166_ALPHA2
+from orderflow.services.orders import PlacedOrder, insert_order, new_order_id, reserve
+from orderflow.sql import QUERIES, atomic
+from orderflow.statemachine.definition import OrderState
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.errors import IllegalTransition, OrderflowError
 
 
 class NotFound(OrderflowError):

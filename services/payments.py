@@ -11,11 +11,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from orderflow.orders import consume_reservation
-from sql import QUERIES
-from statemachine.definition import OrderState
-from statemachine.engine import advance
-from statemachine.machine import Outcome
+from orderflow.services.orders import consume_reservation
+from orderflow.sql import QUERIES
+from orderflow.statemachine.definition import OrderState
+from orderflow.statemachine.engine import advance
+from orderflow.statemachine.machine import Outcome
 
 # Stripe's PaymentIntent statuses and what each means for the order.
 CAPTURED = frozenset({"succeeded"})

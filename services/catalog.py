@@ -11,15 +11,21 @@ import csv
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from sql import QUERIES
+from orderflow.sql import QUERIES
 
 REQUIRED_COLUMNS = ("sku", "name", "price_cents", "currency", "available")
+
+# The sample catalog ships beside this module (the demo and `catalog load --sample` use it).
+SAMPLE_CATALOG = Path(
+    str(resources.files(__package__ or "orderflow.services") / "sample-catalog.csv")
+)
 
 
 class CatalogError(ValueError):

@@ -13,10 +13,10 @@ from typing import Any
 
 import psycopg
 
-from orderflow.payments import IntentView
-from orderflow.reconcile import StripeReads, refunded_cents
-from sql import QUERIES
-from statemachine.definition import FORWARD_ACTIONS, TRANSITIONS, OrderState
+from orderflow.services.payments import IntentView
+from orderflow.services.reconcile import StripeReads, refunded_cents
+from orderflow.sql import QUERIES
+from orderflow.statemachine.definition import FORWARD_ACTIONS, TRANSITIONS, OrderState
 
 # newest forward action first: the order compensations must run in
 COMPENSATION_ORDER = [a.compensation for a in reversed(FORWARD_ACTIONS)]
