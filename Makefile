@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # The dashboard's browser assets, copied from pinned npm packages (never a CDN).
 ASSETS := dashboard/static/vendor/.copied-stamp
 
-.PHONY: demo test lint check clean dashboard
+.PHONY: demo test unit lint check clean dashboard
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "orderflow needs Python >= 3.11; set PYTHON=python3.11 or newer")'
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(ASSETS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit layer alone: no database, no processes, seconds.
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,8 +7,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
+from orderflow.config import settings_errors_printed
+from orderflow.migrations.schema import metadata
 from orderflow.sql.db import resolve_url, sqlalchemy_url
-from orderflow.sql.schema import metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -23,7 +24,10 @@ MIGRATION_LOCK = 0x6F726465  # "orde"
 
 
 def run_migrations_online() -> None:
-    url = config.get_main_option("sqlalchemy.url") or sqlalchemy_url(resolve_url())
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:  # the `alembic` command in a checkout: the URL comes from the settings
+        with settings_errors_printed():
+            url = sqlalchemy_url(resolve_url())
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)

@@ -62,11 +62,20 @@ def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_catalog_load(args: argparse.Namespace, settings: Settings) -> int:
-    from orderflow.services.catalog import CatalogError, load_catalog, render_changes
+    from orderflow.services.catalog import (
+        SAMPLE_CATALOG,
+        CatalogError,
+        load_catalog,
+        render_changes,
+    )
 
+    if (args.file is None) == (not args.sample):
+        print("orderflow catalog load: give a FILE or --sample (not both)", file=sys.stderr)
+        return 2
+    path = SAMPLE_CATALOG if args.sample else Path(args.file)
     try:
         with _connect_migrated(settings) as conn:
-            load = load_catalog(conn, Path(args.file), dry_run=args.dry_run)
+            load = load_catalog(conn, path, dry_run=args.dry_run)
     except (CatalogError, OSError) as exc:
         print(f"orderflow catalog load: {exc}", file=sys.stderr)
         return 2
@@ -245,7 +254,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if stop_early.is_set():
         worker.stop.set()
     if args.metrics_port:
-        from orderflow.metrics import install_database_gauges, serve_metrics
+        from orderflow.metrics import serve_metrics
+        from orderflow.sql.gauges import install_database_gauges
 
         install_database_gauges(lambda: worker.pool.connection(timeout=1.0))
         try:
@@ -426,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = catalog_sub.add_parser(
         "load", help="apply a CSV catalog (stock as its change since the last load)"
     )
-    p.add_argument("file")
+    p.add_argument("file", nargs="?", help="the CSV file (sku,name,price_cents,currency,available)")
+    p.add_argument(
+        "--sample", action="store_true", help="the sample catalog shipped in the package"
+    )
     p.add_argument("--dry-run", action="store_true", help="show the changes, write nothing")
     p.set_defaults(func=cmd_catalog_load)
 

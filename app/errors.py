@@ -10,16 +10,15 @@ import pydantic
 
 from orderflow.app.auth import Unauthorized
 from orderflow.services.idempotency import KeyInUse, KeyReused, LockLost
-from orderflow.services.service import InvalidState, NotFound, ValidationFailed
-from orderflow.statemachine.errors import (
+from orderflow.services.orders import (
     CartAlreadyOrdered,
     CartNotFound,
-    IllegalTransition,
     MixedCurrency,
-    OrderNotFound,
     OutOfStock,
     UnknownSku,
 )
+from orderflow.services.service import InvalidState, NotFound, ValidationFailed
+from orderflow.statemachine.errors import IllegalTransition, OrderNotFound
 
 
 class ApiError(Exception):

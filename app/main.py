@@ -20,10 +20,10 @@ from orderflow.app.errors import ApiError, dumps
 from orderflow.app.http import error_response, json_response
 from orderflow.app.openapi import openapi_document
 from orderflow.app.routes import route_handlers
-from orderflow.config import Settings, require_api
-from orderflow.metrics import install_database_gauges
+from orderflow.config import Settings, require_api, settings_errors_printed
 from orderflow.services.service import OrderLimits
 from orderflow.sql.db import connection_options, resolve_url
+from orderflow.sql.gauges import install_database_gauges
 
 DOCS_HTML = """<!doctype html>
 <html lang="en">
@@ -69,7 +69,10 @@ def create_app(
     database_url: str | None = None,
     limits: OrderLimits | None = None,
 ) -> Starlette:
-    settings = settings or Settings.from_env()
+    if settings is None:  # uvicorn's factory: the CLI is not there to say what is wrong
+        with settings_errors_printed():
+            settings = Settings.from_env()
+            require_api(settings)
     require_api(settings)
     url = database_url or resolve_url(settings)
     pool = make_pool(url, settings)

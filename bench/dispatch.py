@@ -21,7 +21,8 @@ from typing import Any
 
 from bench.common import CHECKOUT, QUERIES, cpu_seconds, emit, peak_rss_mb, scratch_database
 from orderflow.outbox_worker.providers import Ok, Reply
-from orderflow.services.orders import LineRequest, create_order
+from orderflow.services.orders import LineRequest
+from orderflow.services.service import create_order
 from orderflow.sql.db import connect
 
 ADDRESS = {"name": "B", "line1": "1 Bench St", "city": "Berlin", "postal_code": "10115",

@@ -1,5 +1,5 @@
 """The one settings model: every variable of the README's configuration table,
-typed and validated when any command starts (tests/test_settings.py checks the
+typed and validated when any command starts (tests/unit/test_settings.py checks the
 model against that table).
 
 A bad value stops the process with one line naming the variable and what it
@@ -10,14 +10,19 @@ provider URLs) is checked by the command with `require_*` below.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orderflow import failpoints
 
 MIN_SECRET_BYTES = 32
 
@@ -72,8 +77,6 @@ def _method_types(value: str) -> str:
 
 
 def _failpoints(value: str) -> str:
-    from orderflow import failpoints
-
     failpoints.parse(value)  # raises ValueError naming the bad entry
     return value
 
@@ -112,6 +115,7 @@ class Settings(BaseSettings):
         extra="ignore",
         env_ignore_empty=True,
         validate_default=True,
+        allow_inf_nan=False,  # "inf" seconds is no limit at all
     )
 
     # ---- database
@@ -142,7 +146,8 @@ class Settings(BaseSettings):
         "ORDERFLOW_POOL_TIMEOUT",
         "API wait for a pooled connection, seconds (then 503)",
         gt=0,
-        bad=("0", "-1", "soon"),
+        le=60,
+        bad=("0", "-1", "soon", "inf", "nan"),
     )
     statement_timeout_ms: int = _field(
         5000,
@@ -313,7 +318,7 @@ class Settings(BaseSettings):
         "provider call timeout (past it the outcome is unknown and asked about)",
         gt=0,
         le=300,
-        bad=("0", "1000", "x"),
+        bad=("0", "1000", "x", "nan"),
     )
     provider_key_window_s: float = _field(
         23 * 3600,
@@ -321,8 +326,9 @@ class Settings(BaseSettings):
         "how long a provider keeps an idempotency key, less a margin: an unknown call older"
         " than this is reconciled, never replayed blindly",
         gt=0,
+        le=24 * 3600,  # Stripe keeps a key at least 24 h: past that a replay may charge again
         shown="82800 (23 h)",
-        bad=("0", "a day"),
+        bad=("0", "a day", "inf", "90000"),
     )
     payment_method_types: Annotated[str, AfterValidator(_method_types)] = _field(
         "card,sepa_debit",
@@ -353,14 +359,15 @@ class Settings(BaseSettings):
         "multiplies the retry backoff (tests: 0.01)",
         ge=0,
         le=100,
-        bad=("-1", "fast"),
+        bad=("-1", "fast", "nan"),
     )
     report_refresh_s: float = _field(
         60.0,
         "ORDERFLOW_REPORT_REFRESH_S",
         "how often the worker refreshes the reporting snapshots",
         gt=0,
-        bad=("0",),
+        le=86400,
+        bad=("0", "inf"),
     )
     failpoints: Annotated[str, AfterValidator(_failpoints)] | None = _field(
         None,
@@ -401,6 +408,17 @@ def describe(error: ValidationError) -> str:
     message = str(first["msg"]).removeprefix("Value error, ")
     shown = "" if name in SECRET_FIELDS else f" (got {first.get('input')!r})"
     return f"{name}: {message}{shown}"
+
+
+@contextlib.contextmanager
+def settings_errors_printed() -> Iterator[None]:
+    """For an entry point the CLI does not run (uvicorn's factory, Alembic's env.py):
+    a SettingsError is a SystemExit, so without this its line would go unsaid."""
+    try:
+        yield
+    except SettingsError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        raise
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -12,6 +12,7 @@ before it is confirmed).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,12 +43,17 @@ from orderflow.outbox_worker.steps import (
     StepCall,
     StepSettings,
     settled_nothing,
-    shipment_row,
 )
-from orderflow.services import payments
-from orderflow.services.payments import IntentMismatch, IntentView
+from orderflow.services.payments import IntentMismatch
 from orderflow.sql import QUERIES
-from orderflow.statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState, Step
+from orderflow.statemachine.definition import (
+    DEAD_LETTER_EVENT,
+    STEP_SETTLED,
+    STEPS_BY_NAME,
+    OnFailure,
+    OrderState,
+    Step,
+)
 from orderflow.statemachine.engine import advance, advance_many, settle
 from orderflow.statemachine.errors import (
     IllegalTransition,
@@ -137,9 +143,7 @@ def process(
 def _settles(spec: Step, row: ClaimedRow) -> bool:
     """Has the order left the state the step works in?  An effectful step then only
     finds out what its earlier attempts did; a poll has nothing left to do."""
-    return (spec.effectful or spec.name == "await_payment") and row.context[
-        "state"
-    ] != spec.runs_in.value
+    return spec.reports_what_it_finds and row.context["state"] != spec.runs_in.value
 
 
 def call_step(
@@ -214,8 +218,17 @@ def _checkpointer(row: ClaimedRow, config: WorkerConfig, connect: Connect) -> Ca
     return checkpoint
 
 
-def _record_call(row: ClaimedRow) -> RecordCall:
-    return RecordCall(row.order_id, row.step, row.idempotency_key, row.context)
+def _history(row: ClaimedRow, outcome: StepOutcome) -> AttemptHistory:
+    """What earlier attempts came to, with this attempt's keys (a key it retired
+    or first sent changes the key's age)."""
+    payload = row.payload
+    if "sent_at" in outcome.memory:
+        payload = {**payload, "sent_at": outcome.memory["sent_at"]}
+    return AttemptHistory.from_payload(payload)
+
+
+def _record_call(row: ClaimedRow, config: WorkerConfig) -> RecordCall:
+    return RecordCall(row.order_id, row.step, row.idempotency_key, row.context, config.steps)
 
 
 def still_unsettled(row: ClaimedRow, outcome: StepOutcome) -> bool:
@@ -275,6 +288,25 @@ def commit_crash(
     outcome = StepOutcome.unknown(f"crashed: {error}"[:500], **{**row.payload, **decision.counters})
     if decision.action == Action.DEAD_LETTER:
         return _dead_letter(conn, row, config, outcome.error or "crashed", outcome)
+    return _reschedule(conn, row, outcome, config, decision)
+
+
+def commit_blocked(
+    conn: psycopg.Connection[Any],
+    row: ClaimedRow,
+    config: WorkerConfig,
+    error: str,
+    memory: dict[str, Any],
+) -> str:
+    """The step's commit (or checkpoint) waited past lock_timeout: nobody knows now
+    what its call did, so the row backs off as an unknown outcome, as in an outage
+    (the next attempt asks the provider first), and the attempt counts."""
+    spec = STEPS_BY_NAME[row.step]
+    outcome = StepOutcome.unknown(f"commit blocked: {error}", **{**row.payload, **memory})
+    decision = decide_retry(
+        spec.retry, _history(row, outcome), outcome, time.time(),
+        key_window_s=config.steps.key_window_s, scale=config.backoff_scale,
+    )  # fmt: skip
     return _reschedule(conn, row, outcome, config, decision)
 
 
@@ -352,18 +384,12 @@ def _commit_done(
     try:
         with conn.transaction():
             _finish_row(conn, row, config, note=_note(outcome))
-            step.record(conn, _record_call(row), outcome)
+            step.record(conn, _record_call(row, config), outcome)
             failpoints.hit(f"{row.step}.before_commit")
             if event is not None:
                 result = _move(row, spec, conn, event, step.detail(outcome))
                 if result is not None:
-                    payments.after_transition(
-                        conn,
-                        row.order_id,
-                        result,
-                        IntentView.from_facts(outcome.facts),
-                        config.steps.processing_hold_s,
-                    )
+                    step.after_transition(conn, _record_call(row, config), outcome, result)
     except StaleLease:
         return "stale"
     except IntentMismatch as exc:
@@ -382,7 +408,7 @@ def _move(
     """Fire the step's event.  A step that reports what it found at a provider
     (a payment, a label) may find it already recorded by a webhook, a poll or a
     reconciliation: that is no error (engine.settle)."""
-    if spec.effectful or spec.name == "await_payment":
+    if spec.reports_what_it_finds:
         return settle(conn, row.order_id, event, detail)
     return advance(conn, row.order_id, event, detail)
 
@@ -406,7 +432,7 @@ def _commit_failed(
     config: WorkerConfig,
 ) -> str:
     """A definite failure: the error edge (compensate), or an operator if there is none."""
-    if spec.on_failure == "step_dead_lettered":
+    if spec.on_failure == OnFailure.DEAD_LETTER:
         return _dead_letter(conn, row, config, outcome.error or "failed", outcome)
     step = STEP_IMPLEMENTATIONS[row.step]
     detail = step.detail(outcome)
@@ -415,8 +441,8 @@ def _commit_failed(
     try:
         with conn.transaction():
             _finish_row(conn, row, config, note=outcome.error)
-            step.record(conn, _record_call(row), outcome)
-            advance(conn, row.order_id, spec.on_failure, detail)
+            step.record(conn, _record_call(row, config), outcome)
+            advance(conn, row.order_id, spec.failure_edge, detail)
     except StaleLease:
         return "stale"
     except (IllegalTransition, InvalidEventDetail):
@@ -426,7 +452,7 @@ def _commit_failed(
         try:
             with conn.transaction():
                 _finish_row(conn, row, config, note=outcome.error)
-                step.record(conn, _record_call(row), outcome)
+                step.record(conn, _record_call(row, config), outcome)
                 if spec.effectful:
                     settle(conn, row.order_id, STEP_SETTLED, detail)
         except StaleLease:
@@ -457,9 +483,9 @@ def _dead_letter(
             return "stale"
         if outcome is not None and outcome.kind == Kind.OPERATOR and outcome.facts:
             # What the provider said is recorded for the person (a refund that failed).
-            STEP_IMPLEMENTATIONS[row.step].record(conn, _record_call(row), outcome)
+            STEP_IMPLEMENTATIONS[row.step].record(conn, _record_call(row, config), outcome)
         with contextlib.suppress(IllegalTransition):  # already with an operator, or settled
-            advance(conn, row.order_id, "step_dead_lettered", {"step": row.step, "error": error})
+            advance(conn, row.order_id, DEAD_LETTER_EVENT, {"step": row.step, "error": error})
     return "dead"
 
 
@@ -470,18 +496,14 @@ def _retry(
     outcome: StepOutcome,
     config: WorkerConfig,
 ) -> str:
-    kind = outcome.kind
-    if kind == Kind.TRANSIENT and (_settles(spec, row) or still_unsettled(row, outcome)):
+    judged = outcome
+    if outcome.kind == Kind.TRANSIENT and (_settles(spec, row) or still_unsettled(row, outcome)):
         # Finding out is never given up as a failure: that would compensate blind.
-        kind = Kind.UNKNOWN
+        judged = dataclasses.replace(outcome, kind=Kind.UNKNOWN)
     decision = decide_retry(
-        spec.retry,
-        AttemptHistory.from_payload(row.payload),
-        kind,
-        retry_after_s=outcome.retry_after_s,
-        unreadable=outcome.unreadable,
-        scale=config.backoff_scale,
-    )
+        spec.retry, _history(row, outcome), judged, time.time(),
+        key_window_s=config.steps.key_window_s, scale=config.backoff_scale,
+    )  # fmt: skip
     if decision.action == Action.FAIL:
         failed = StepOutcome(Kind.FAILED, None, outcome.facts, outcome.memory, outcome.error)
         return _commit_failed(conn, row, spec, failed, config)
@@ -535,22 +557,16 @@ def _commit_wait(
     poll again later, not counted as an attempt; record what changed meanwhile."""
     step = STEP_IMPLEMENTATIONS[row.step]
     decision = decide_retry(
-        spec.retry, AttemptHistory.from_payload(row.payload), Kind.WAIT,
-        scale=config.backoff_scale,
+        spec.retry, _history(row, outcome), outcome, time.time(),
+        key_window_s=config.steps.key_window_s, scale=config.backoff_scale,
     )  # fmt: skip
 
     def record_and_move() -> None:
-        step.record(conn, _record_call(row), outcome)
+        step.record(conn, _record_call(row, config), outcome)
         if outcome.event is not None:
             with contextlib.suppress(IllegalTransition, InvalidEventDetail):
                 result = advance(conn, row.order_id, outcome.event, step.detail(outcome))
-                payments.after_transition(
-                    conn,
-                    row.order_id,
-                    result,
-                    IntentView.from_facts(outcome.facts),
-                    config.steps.processing_hold_s,
-                )
+                step.after_transition(conn, _record_call(row, config), outcome, result)
 
     try:
         return _reschedule(conn, row, outcome, config, decision, then=record_and_move)
@@ -558,15 +574,10 @@ def _commit_wait(
         return _dead_letter(conn, row, config, str(exc), outcome)
 
 
-# Steps whose successes the daemon commits in batches: the shipping path, where
-# the facts are one shipment row (or none).  The others commit one by one.
-BATCHED_STEPS = frozenset({"ship_order", "send_confirmation"})
-
-
 def batchable(row: ClaimedRow, outcome: StepOutcome) -> bool:
     """A plain success of a shipping-path step: it can share a commit."""
     return (
-        row.step in BATCHED_STEPS
+        STEP_IMPLEMENTATIONS[row.step].batches
         and outcome.kind == Kind.DONE
         and not outcome.quiet
         and not outcome.silent
@@ -623,13 +634,11 @@ def _commit_batch(
         finished = _finish_rows(conn, [(i.row, _note(i.outcome)) for i in items], config)
         if len(finished) != len(items):
             raise BatchNotApplied("a lease was lost")
-        shipments = [
-            shipment_row(_record_call(i.row), i.outcome)
-            for i in items
-            if i.row.step == "ship_order"
-        ]
-        if shipments:
-            conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb(shipments)})
+        by_step: dict[str, list[tuple[RecordCall, StepOutcome]]] = {}
+        for i in items:
+            by_step.setdefault(i.row.step, []).append((_record_call(i.row, config), i.outcome))
+        for step, calls in by_step.items():
+            STEP_IMPLEMENTATIONS[step].record_many(conn, calls)
         for item in items:
             failpoints.hit(f"{item.row.step}.before_commit")
         advance_many(

@@ -107,9 +107,13 @@ class AttemptHistory:
     throttles: int = 0
     polls: int = 0
     crashes: int = 0  # the step raised: a bug or an answer we could not read
+    # When the oldest idempotency key still in use was first sent (epoch s): the
+    # provider forgets it after its window, and a replay then acts anew.
+    key_sent_at: float | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], lost: int = 0) -> AttemptHistory:
+        sent = [float(v) for v in (payload.get("sent_at") or {}).values() if v is not None]
         return cls(
             not_done=int(payload.get("not_done", 0)),
             unknowns=int(payload.get("unknowns", 0)),
@@ -117,6 +121,7 @@ class AttemptHistory:
             throttles=int(payload.get("throttled", 0)),
             polls=int(payload.get("polls", 0)),
             crashes=int(payload.get("crashes", 0)),
+            key_sent_at=min(sent) if sent else None,
         )
 
 
@@ -154,10 +159,10 @@ def backoff_s(policy: RetryPolicy, attempt: int, scale: float = 1.0, rng: Any = 
 def decide_retry(
     policy: RetryPolicy,
     history: AttemptHistory,
-    kind: Kind,
+    outcome: StepOutcome,
+    now: float,
     *,
-    retry_after_s: float | None = None,
-    unreadable: bool = False,
+    key_window_s: float | None = None,
     scale: float = 1.0,
     rng: Any = random,
 ) -> RetryDecision:
@@ -165,7 +170,11 @@ def decide_retry(
     not done: retried up to max_attempts, then the step fails), THROTTLED (not an
     attempt), WAIT (a poll, not an attempt), UNKNOWN (never failed: an outage is
     asked about for as long as it lasts; answers we cannot read, up to
-    max_unreadable, then an operator).  Pure."""
+    max_unreadable, then an operator).  An unknown outcome is replayed before its
+    key's window ends (`key_window_s` after `history.key_sent_at`), while the
+    provider still answers the replay with the first call's result.  Pure: `now`
+    is given, `rng` draws the jitter."""
+    kind, unreadable, retry_after_s = outcome.kind, outcome.unreadable, outcome.retry_after_s
     counters = _counters(history)
     if kind == Kind.TRANSIENT:
         counters["not_done"] += 1
@@ -192,6 +201,10 @@ def decide_retry(
     delay = backoff_s(policy, tries, scale, rng)
     if retry_after_s is not None:
         delay = max(delay, retry_after_s)
+    if kind == Kind.UNKNOWN and key_window_s is not None and history.key_sent_at is not None:
+        left = history.key_sent_at + key_window_s - now
+        if left > 0:
+            delay = min(delay, left)
     return RetryDecision(
         Action.RETRY,
         delay,

@@ -32,11 +32,13 @@ from orderflow.outbox_worker.core import (
     batchable,
     call_step,
     claim,
+    commit_blocked,
     commit_crash,
     commit_step,
     commit_successes,
     committed,
 )
+from orderflow.outbox_worker.outcomes import StepOutcome
 from orderflow.outbox_worker.steps import ProviderCalls, StepSettings
 from orderflow.sql import QUERIES
 from orderflow.sql.reports import refresh
@@ -126,6 +128,7 @@ class Worker:
         with self._lock:
             self._inflight[row.id] = row
         started = time.monotonic()
+        outcome: StepOutcome | None = None
         try:
             # Holds no connection during the calls (a checkpoint borrows one briefly).
             outcome = call_step(row, self.providers, self.config, self.pool.connection)
@@ -136,20 +139,32 @@ class Worker:
                 return commit_step(conn, row, outcome, self.config, started)
         except StaleLease:
             return "stale"
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            # A lock held past lock_timeout (an operator's open transaction, say):
+            # the row backs off as unknown, and is not handed back at once, which
+            # would call the provider again every lock_timeout while the lock stays.
+            log.warning(
+                "step blocked: %s",
+                type(exc).__name__,
+                extra={"order_id": row.order_id, "step": row.step},
+            )
+            try:
+                with self.pool.connection(timeout=1.0) as conn:
+                    memory = outcome.memory if outcome is not None else {}
+                    return commit_blocked(conn, row, self.config, type(exc).__name__, memory)
+            except Exception:
+                self._release(row)
+                return "crashed"
         except psycopg.OperationalError as exc:
-            # The commit failed (the database went away, or a lock was held past
-            # lock_timeout): the row goes back at once, its outcome unknown (the
-            # next attempt asks the provider first); if the database is gone the
-            # lease expires instead.
+            # The database went away: the row goes back at once, its outcome unknown
+            # (the next attempt asks the provider first); if the database is gone
+            # for good the lease expires instead.
             log.warning(
                 "step crashed: the database is unavailable (%s)",
                 type(exc).__name__,
                 extra={"order_id": row.order_id, "step": row.step},
             )
-            with contextlib.suppress(Exception), self.pool.connection(timeout=1.0) as conn:
-                conn.execute(
-                    QUERIES["release_outbox_rows"], {"ids": [row.id], "owner": self.config.owner}
-                )
+            self._release(row)
             return "crashed"
         except Exception as exc:
             log.exception("step crashed", extra={"order_id": row.order_id, "step": row.step})
@@ -158,6 +173,12 @@ class Worker:
             with self._lock:
                 self._inflight.pop(row.id, None)
             self._wake.set()
+
+    def _release(self, row: ClaimedRow) -> None:
+        with contextlib.suppress(Exception), self.pool.connection(timeout=1.0) as conn:
+            conn.execute(
+                QUERIES["release_outbox_rows"], {"ids": [row.id], "owner": self.config.owner}
+            )
 
     def _crashed(self, row: ClaimedRow, exc: Exception) -> str:
         """Count the crash against the row (it backs off, then goes to an operator)."""

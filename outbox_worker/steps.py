@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +46,7 @@ from orderflow.services.payments import IntentView
 from orderflow.sql import QUERIES
 from orderflow.statemachine.definition import STEP_SETTLED, STEPS_BY_NAME, OrderState
 from orderflow.statemachine.definition import Step as StepSpec
+from orderflow.statemachine.machine import Outcome
 
 
 class StripeCalls(Protocol):
@@ -199,9 +200,13 @@ def settled_nothing(note: str, **facts: Any) -> StepOutcome:
 
 
 class Step:
-    """The behaviour of one outbox step; `spec` is its row of the saga table."""
+    """The behaviour of one outbox step; `spec` is its row of the saga table
+    (when it runs, its events, its compensation, its retry policy)."""
 
     name: str = ""
+    # Its plain successes may share one commit with other rows' (the daemon
+    # batches them): steps whose facts are at most one row.
+    batches: bool = False
 
     @property
     def spec(self) -> StepSpec:
@@ -212,6 +217,18 @@ class Step:
 
     def record(self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome) -> None:
         """Write what the outcome teaches (in the row's finishing transaction)."""
+
+    def record_many(
+        self, conn: psycopg.Connection[Any], calls: Sequence[tuple[RecordCall, StepOutcome]]
+    ) -> None:
+        """`record` for several rows' successes sharing one commit (a batch)."""
+        for c, outcome in calls:
+            self.record(conn, c, outcome)
+
+    def after_transition(
+        self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome, moved: Outcome
+    ) -> None:
+        """The local effects of the transition the outcome fired (same transaction)."""
 
     def detail(self, outcome: StepOutcome) -> dict[str, Any]:
         """The detail of the history row the outcome's event writes."""
@@ -240,6 +257,7 @@ class RecordCall:
     step: str
     idempotency_key: str
     order: Mapping[str, Any]
+    settings: StepSettings = StepSettings()
 
 
 # ---------------------------------------------------------------- Stripe helpers
@@ -312,6 +330,15 @@ class ChargePayment(Step):
     succeed only once, so no replay can take the money twice."""
 
     name = "charge_payment"
+
+    def after_transition(
+        self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome, moved: Outcome
+    ) -> None:
+        # A capture sells the reserved units; a processing debit holds them longer.
+        payments.after_transition(
+            conn, c.order_id, moved, IntentView.from_facts(outcome.facts),
+            c.settings.processing_hold_s,
+        )  # fmt: skip
 
     def run(self, c: StepCall) -> StepOutcome:
         intent_id = c.memory.get("payment_intent_id") or c.order.get("payment_intent_id")
@@ -506,6 +533,15 @@ class AwaitPayment(Step):
     fallback: the webhook usually says it first)."""
 
     name = "await_payment"
+
+    def after_transition(
+        self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome, moved: Outcome
+    ) -> None:
+        # A capture sells the reserved units; a processing debit holds them longer.
+        payments.after_transition(
+            conn, c.order_id, moved, IntentView.from_facts(outcome.facts),
+            c.settings.processing_hold_s,
+        )  # fmt: skip
 
     def run(self, c: StepCall) -> StepOutcome:
         if c.settle:
@@ -787,10 +823,18 @@ class _Label(Step):
         return not_an_answer(c, reply)
 
     def record(self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome) -> None:
-        if outcome.event == self.spec.on_success and "shipment_id" in outcome.facts:
-            conn.execute(
-                QUERIES["insert_shipments"], {"shipments": Jsonb([shipment_row(c, outcome)])}
-            )
+        self.record_many(conn, [(c, outcome)])
+
+    def record_many(
+        self, conn: psycopg.Connection[Any], calls: Sequence[tuple[RecordCall, StepOutcome]]
+    ) -> None:
+        shipments = [
+            shipment_row(c, outcome)
+            for c, outcome in calls
+            if outcome.event in (None, self.spec.on_success) and "shipment_id" in outcome.facts
+        ]
+        if shipments:  # one statement for the whole batch
+            conn.execute(QUERIES["insert_shipments"], {"shipments": Jsonb(shipments)})
 
 
 def shipment_row(c: RecordCall, outcome: StepOutcome) -> dict[str, Any]:
@@ -807,6 +851,7 @@ def shipment_row(c: RecordCall, outcome: StepOutcome) -> dict[str, Any]:
 
 class ShipOrder(_Label):
     name = "ship_order"
+    batches = True
 
     def create(self, c: StepCall) -> Reply:
         body = {
@@ -873,6 +918,7 @@ class CancelShipment(Step):
 
 class SendConfirmation(Step):
     name = "send_confirmation"
+    batches = True
 
     def run(self, c: StepCall) -> StepOutcome:
         if not c.order.get("email"):
@@ -947,4 +993,3 @@ STEP_IMPLEMENTATIONS: dict[str, Step] = {
         ReleaseInventory(),
     )
 }
-LOCAL_STEPS = frozenset({"release_inventory", "restock_inventory"})

@@ -38,10 +38,14 @@ def read_catalog(path: Path) -> list[dict[str, Any]]:
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise CatalogError(f"{path}: missing columns {', '.join(missing)}")
-        rows = []
+        rows: dict[str, dict[str, Any]] = {}
         for lineno, raw in enumerate(reader, start=2):
-            rows.append(_product(raw, f"{path}:{lineno}"))
-    return rows
+            product = _product(raw, f"{path}:{lineno}")
+            if product["sku"] in rows:
+                raise CatalogError(f"{path}:{lineno}: sku {product['sku']} is listed twice")
+            rows[product["sku"]] = product
+    # SKU order: the order reservations lock products in (no deadlock between them)
+    return [rows[sku] for sku in sorted(rows)]
 
 
 def _product(raw: dict[str, str], where: str) -> dict[str, Any]:
@@ -105,9 +109,11 @@ def plan_product(current: Mapping[str, Any] | None, row: Mapping[str, Any]) -> P
     The file's `available` is the warehouse's sellable count; it is applied as its
     change since the count this SKU was last loaded with.  An unchanged file changes
     nothing; a count going from 10 to 8 takes 2 units away; units reserved or sold
-    since the last load stay reserved or sold.  A SKU never loaded from a file (new,
-    or created by other writers) takes the file's count as it is.  A count that would
-    take away more than is available leaves 0 and reports the shortfall."""
+    since the last load stay reserved or sold.  A SKU that exists but was never
+    loaded from a file (created by another writer) compares the file with the stock
+    put in so far (its ledger's `load` and `adjust` rows), so units sold since are
+    not sold again; a new SKU takes the file's count.  A count that would take away
+    more than is available leaves 0 and reports the shortfall."""
     sku = str(row["sku"])
     if current is None:
         values = {**row, "loaded_available": row["available"]}
@@ -116,7 +122,7 @@ def plan_product(current: Mapping[str, Any] | None, row: Mapping[str, Any]) -> P
         return ProductPlan(sku, True, values, tuple(changes))
     baseline = current["loaded_available"]
     if baseline is None:
-        baseline = current["available"]
+        baseline = current["put_in"]
     wanted = int(current["available"]) + int(row["available"]) - int(baseline)
     available = max(0, wanted)
     values = {**row, "available": available, "loaded_available": row["available"]}
@@ -134,8 +140,10 @@ def plan_product(current: Mapping[str, Any] | None, row: Mapping[str, Any]) -> P
                 f"{available} (file {baseline} -> {row['available']})",
             )
         )
-    elif row["available"] != baseline:
-        changes.append(Change(sku, "loaded_available", str(baseline), str(row["available"])))
+    elif current["loaded_available"] is None or row["available"] != baseline:
+        # The count loaded is kept even when the stock does not move.
+        old = "-" if current["loaded_available"] is None else str(baseline)
+        changes.append(Change(sku, "loaded_available", old, str(row["available"])))
     return ProductPlan(sku, False, values, tuple(changes), short_by=max(0, -wanted))
 
 
@@ -146,20 +154,26 @@ def load_catalog(
     dry_run, say what it would change and change nothing."""
     rows = read_catalog(path)
     with conn.transaction(force_rollback=dry_run), conn.cursor(row_factory=dict_row) as cur:
-        current = {
-            r["sku"]: r
-            for r in cur.execute(
-                QUERIES["catalog_lock_products"], {"skus": [r["sku"] for r in rows]}
-            ).fetchall()
-        }
-        plans = tuple(plan_product(current.get(r["sku"]), r) for r in rows)
-        if not dry_run:
-            for plan in plans:
-                if plan.is_new:
-                    cur.execute(QUERIES["catalog_insert_product"], plan.values)
-                elif plan.changes:
-                    cur.execute(QUERIES["catalog_update_product"], plan.values)
-    return CatalogLoad(plans, applied=not dry_run)
+        plans = []
+        for row in rows:
+            plans.append(_apply(cur, row, dry_run))
+    return CatalogLoad(tuple(plans), applied=not dry_run)
+
+
+def _apply(cur: psycopg.Cursor[Any], row: dict[str, Any], dry_run: bool) -> ProductPlan:
+    """Plan one line on its locked SKU, and apply it unless dry_run.  A SKU that
+    another writer creates between the look and the insert is planned again."""
+    for _ in range(3):
+        current = cur.execute(QUERIES["catalog_lock_product"], {"sku": row["sku"]}).fetchone()
+        plan = plan_product(current, row)
+        if dry_run or not plan.changes:
+            return plan
+        if not plan.is_new:
+            cur.execute(QUERIES["catalog_update_product"], plan.values)
+            return plan
+        if cur.execute(QUERIES["catalog_insert_product"], plan.values).fetchone() is not None:
+            return plan
+    raise CatalogError(f"{row['sku']}: the product keeps changing under the load; try again")
 
 
 def render_changes(load: CatalogLoad) -> str:

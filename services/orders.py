@@ -16,15 +16,39 @@ from ulid import ULID
 
 from orderflow import failpoints
 from orderflow.sql import QUERIES, atomic
-from orderflow.statemachine.errors import (
-    CartAlreadyOrdered,
-    CartNotFound,
-    MixedCurrency,
-    OrderTooLarge,
-    OutOfStock,
-    UnknownSku,
-)
+from orderflow.statemachine.errors import OrderflowError
 from orderflow.statemachine.machine import PLACE_TRANSITION
+
+# What reserve and insert_order raise; each leaves nothing written once its
+# transaction rolls back.
+
+
+class OutOfStock(OrderflowError):
+    """Some lines cannot be reserved; nothing was reserved."""
+
+    def __init__(self, skus: list[str]) -> None:
+        super().__init__(f"out of stock: {', '.join(skus)}")
+        self.skus = skus
+
+
+class UnknownSku(OrderflowError):
+    def __init__(self, skus: list[str]) -> None:
+        super().__init__(f"unknown SKU: {', '.join(skus)}")
+        self.skus = skus
+
+
+class MixedCurrency(OrderflowError):
+    def __init__(self, currencies: list[str]) -> None:
+        super().__init__(f"an order is in one currency; the lines are in {', '.join(currencies)}")
+        self.currencies = currencies
+
+
+class CartAlreadyOrdered(OrderflowError):
+    pass
+
+
+class CartNotFound(OrderflowError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -177,43 +201,6 @@ def insert_order(
         created_at=created["created_at"],
         reservation_expires_at=created["expires_at"],
     )
-
-
-def create_order(
-    conn: psycopg.Connection[Any],
-    *,
-    user_id: uuid.UUID,
-    lines: Sequence[LineRequest],
-    shipping_address: Mapping[str, Any],
-    email: str | None,
-    payment_method_id: str,
-    idempotency_key: str,
-    ttl_seconds: int,
-    max_total_cents: int | None = None,
-    payment_mandate: Mapping[str, Any] | None = None,
-) -> PlacedOrder:
-    """Reserve every line (or none), then create the order in `reserved`, in one
-    transaction.  Raises OutOfStock, UnknownSku, MixedCurrency or OrderTooLarge
-    having written nothing."""
-    if not lines:
-        raise ValueError("an order needs at least one line")
-    order_id = new_order_id()
-    with atomic(conn):
-        reservation = reserve(conn, order_id=order_id, lines=lines)
-        if max_total_cents is not None and reservation.total_cents > max_total_cents:
-            raise OrderTooLarge(reservation.total_cents, max_total_cents)
-        return insert_order(
-            conn,
-            reservation,
-            order_id=order_id,
-            user_id=user_id,
-            shipping_address=shipping_address,
-            email=email,
-            payment_method_id=payment_method_id,
-            idempotency_key=idempotency_key,
-            ttl_seconds=ttl_seconds,
-            payment_mandate=payment_mandate,
-        )
 
 
 def release_inventory(conn: psycopg.Connection[Any], order_id: str) -> int:

@@ -1,8 +1,9 @@
 """The service layer behind the HTTP API: carts, placing orders, reads, returns.
 
 Framework-free: functions take a connection and plain values, return plain
-JSON-ready dicts, and raise the named errors of `statemachine.errors` or the
-ones below.  `app/` parses requests, calls one of these and renders.
+JSON-ready dicts, and raise the named errors of `statemachine.errors`,
+`services.orders` (stock and carts) or the ones below.  `app/` parses requests,
+calls one of these and renders.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from ulid import ULID
 
 from orderflow.config import Settings
 from orderflow.services.countries import ISO_3166_ALPHA2
-from orderflow.services.orders import PlacedOrder, insert_order, new_order_id, reserve
+from orderflow.services.orders import (
+    LineRequest,
+    PlacedOrder,
+    insert_order,
+    new_order_id,
+    reserve,
+)
 from orderflow.sql import QUERIES, atomic
 from orderflow.statemachine.definition import OrderState
 from orderflow.statemachine.engine import advance
@@ -162,6 +169,59 @@ def get_cart(conn: psycopg.Connection[Any], *, user_id: uuid.UUID, cart_id: str)
 # ---------------------------------------------------------------- orders
 
 
+def create_order(
+    conn: psycopg.Connection[Any],
+    *,
+    user_id: uuid.UUID,
+    payment_method_id: str,
+    idempotency_key: str,
+    ttl_seconds: int,
+    limits: OrderLimits = OrderLimits(),
+    cart_id: str | None = None,
+    lines: Sequence[LineRequest] = (),
+    shipping_address: Mapping[str, Any] | None = None,
+    email: str | None = None,
+    payment_mandate: Mapping[str, Any] | None = None,
+) -> PlacedOrder:
+    """The one create path: validate_order + reserve_inventory + the order, in one
+    transaction, from the caller's cart (the API) or from lines with an address
+    (benches and tests, which skip the cart).
+
+    The reservation statement also locks and reads the cart, so the checks run
+    after stock was taken; any failure rolls the whole transaction back.  Raises
+    ValidationFailed, CartNotFound, CartAlreadyOrdered, UnknownSku, OutOfStock or
+    MixedCurrency, having written nothing.
+    """
+    order_id = new_order_id()
+    with atomic(conn):
+        reservation = reserve(
+            conn, order_id=order_id, lines=lines, cart_id=cart_id, user_id=user_id
+        )
+        address = (reservation.shipping_address if cart_id else shipping_address) or {}
+        wanted = [(line.sku, line.qty) for line in reservation.lines]
+        errors = check_lines(wanted, limits) + check_address(address)
+        if reservation.total_cents > limits.max_total_cents:
+            errors.append(
+                FieldError(
+                    "total_cents", f"the order total must not exceed {limits.max_total_cents}"
+                )
+            )
+        if errors:
+            raise ValidationFailed(errors)
+        return insert_order(
+            conn,
+            reservation,
+            order_id=order_id,
+            user_id=user_id,
+            shipping_address=address,
+            email=reservation.email if cart_id else email,
+            payment_method_id=payment_method_id,
+            idempotency_key=idempotency_key,
+            ttl_seconds=ttl_seconds,
+            payment_mandate=payment_mandate,
+        )
+
+
 def place_order(
     conn: psycopg.Connection[Any],
     *,
@@ -173,37 +233,17 @@ def place_order(
     ttl_seconds: int,
     payment_mandate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """validate_order + reserve_inventory + the order, in one transaction.
-
-    The reservation statement also locks and reads the cart, so the checks run
-    after stock was taken; any failure rolls the whole transaction back.
-    """
-    order_id = new_order_id()
-    with atomic(conn):
-        reservation = reserve(conn, order_id=order_id, cart_id=cart_id, user_id=user_id)
-        address = reservation.shipping_address or {}
-        lines = [(line.sku, line.qty) for line in reservation.lines]
-        errors = check_lines(lines, limits) + check_address(address)
-        if reservation.total_cents > limits.max_total_cents:
-            errors.append(
-                FieldError(
-                    "total_cents", f"the order total must not exceed {limits.max_total_cents}"
-                )
-            )
-        if errors:
-            raise ValidationFailed(errors)
-        order = insert_order(
-            conn,
-            reservation,
-            order_id=order_id,
-            user_id=user_id,
-            shipping_address=address,
-            email=reservation.email,
-            payment_method_id=payment_method_id,
-            idempotency_key=idempotency_key,
-            ttl_seconds=ttl_seconds,
-            payment_mandate=payment_mandate,
-        )
+    """POST /v1/orders: the caller's cart ordered, in the create's answer shape."""
+    order = create_order(
+        conn,
+        user_id=user_id,
+        cart_id=cart_id,
+        payment_method_id=payment_method_id,
+        idempotency_key=idempotency_key,
+        limits=limits,
+        ttl_seconds=ttl_seconds,
+        payment_mandate=payment_mandate,
+    )
     return placed_order_view(order)
 
 

