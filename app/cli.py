@@ -249,6 +249,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         idempotency_retention_h=settings.idempotency_retention_h,
         connection_options=connection_options(settings),
         refresh_timeout_ms=settings.refresh_timeout_ms,
+        asyncio_steps=not args.threads,
     )
     worker.install_signal_handlers()
     if stop_early.is_set():
@@ -314,12 +315,15 @@ PRELOAD_HELP = "first load this many finished orders with their history (flat-co
 
 
 def cmd_bench_dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    return int(_bench("dispatch").main(args.rows, args.concurrency, args.preload))
+    return int(_bench("dispatch").main(args.rows, args.concurrency, args.preload, args.backlog))
 
 
 def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
     run = _bench("saga").main
-    return int(run(args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload))
+    return int(
+        run(args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload,
+            args.provider_latency_ms, args.backlog_first)
+    )  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -465,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("worker", help="run the outbox worker daemon")
-    p.add_argument("--concurrency", type=int, default=32, help="provider calls in flight")
+    p.add_argument("--concurrency", type=int, default=256, help="provider calls in flight")
+    p.add_argument(
+        "--threads", action="store_true", help="a thread per call in flight instead of asyncio"
+    )
     p.add_argument("--lease", type=float, default=30.0, help="lease of a claimed row, seconds")
     p.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM, seconds")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
@@ -521,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="calls in flight per worker")
     p.add_argument("--pgbench-seconds", type=int, default=15)
     p.add_argument("--preload", type=int, default=0, help=PRELOAD_HELP)
+    p.add_argument(
+        "--provider-latency-ms", type=float, default=0.0, help="the sandbox delays every call"
+    )
+    p.add_argument(
+        "--backlog-first", action="store_true", help="place every order before the workers start"
+    )
     p.set_defaults(func=cmd_bench_saga)
     p = bench_sub.add_parser(
         "dispatch", help="ready outbox rows drained by one worker, no-op steps"
@@ -528,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--preload", type=int, default=0, help=PRELOAD_HELP)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument(
+        "--backlog", type=int, default=0, help="this many more ready rows, due first, in the table"
+    )
     p.set_defaults(func=cmd_bench_dispatch)
     p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
     p.add_argument("--orders", type=int, default=1_000_000)

@@ -34,6 +34,12 @@ SELECT EXTRACT(EPOCH FROM (SELECT max(at) FROM order_history
                             WHERE to_state = 'confirmed' AND order_id NOT LIKE 'S%%')
                           - (SELECT min(created_at) FROM orders WHERE id NOT LIKE 'S%%')) AS seconds;
 
+-- bench_saga_span_from_claim --
+-- Seconds from the first claim to the last confirmation (orders placed before the workers started)
+SELECT EXTRACT(EPOCH FROM (SELECT max(at) FROM order_history
+                            WHERE to_state = 'confirmed' AND order_id NOT LIKE 'S%%')
+                          - (SELECT min(claimed_at) FROM outbox WHERE order_id NOT LIKE 'S%%')) AS seconds;
+
 -- bench_max_outbox_id --
 -- The newest outbox row so far (pickup latency is measured on rows after it)
 SELECT COALESCE(max(id), 0) AS id FROM outbox;
@@ -166,7 +172,8 @@ SELECT id, 'ship_order', id || ':ship_order', now() + interval '1 hour' FROM pai
 
 -- bench_dispatch_release --
 -- Make every seeded ship_order row ready at once (the clock starts here)
-UPDATE outbox SET available_at = now() WHERE step = 'ship_order' AND status = 'pending';
+UPDATE outbox SET available_at = now()
+ WHERE step = 'ship_order' AND status = 'pending' AND order_id NOT LIKE 'K%%';  -- not the backlog
 
 -- bench_dispatch_span --
 -- Rows finished and seconds from the first claim to the last finish, for outbox rows after a mark
@@ -196,3 +203,32 @@ SELECT id, user_id, idempotency_key
  WHERE id LIKE 'S%%'
  ORDER BY id
  LIMIT 1 OFFSET %(offset)s;
+
+-- bench_seed_backlog --
+-- A ready backlog of n orders for bench dispatch: half paid with a ship_order row, half shipped with a send_confirmation row (the drain's own mix), due before the measured rows
+WITH made AS (
+    INSERT INTO orders (id, user_id, state, total_cents, currency, payment_method_id,
+                        shipping_address, idempotency_key)
+    SELECT 'K' || lpad(g::text, 25, '0'), gen_random_uuid(),
+           CASE WHEN g %% 2 = 0 THEN 'paid' ELSE 'shipped' END, 500, 'EUR', 'pm_card_visa',
+           '{"name": "B", "line1": "1 Bench St", "city": "Berlin", "postal_code": "10115", "country": "DE"}',
+           'backlog-' || g
+      FROM generate_series(1, %(n)s) g
+    RETURNING id, state
+)
+INSERT INTO outbox (order_id, step, idempotency_key, available_at)
+SELECT id, s.step, id || ':' || s.step,
+       now() - interval '2 hours' + (substr(id, 2)::bigint * interval '1 millisecond')
+  FROM made
+  CROSS JOIN LATERAL (SELECT CASE WHEN made.state = 'paid' THEN 'ship_order'
+                                  ELSE 'send_confirmation' END AS step) s;
+
+-- bench_dispatch_window --
+-- Seconds from the first claim to the n-th finish, for outbox rows after a mark (NULL until n are done)
+SELECT count(*) AS rows,
+       EXTRACT(EPOCH FROM (SELECT done_at FROM outbox
+                            WHERE id > %(after_id)s AND status = 'done'
+                            ORDER BY done_at OFFSET %(n)s - 1 LIMIT 1)
+                          - min(claimed_at)) AS seconds
+  FROM outbox
+ WHERE id > %(after_id)s AND status = 'done';

@@ -83,3 +83,20 @@ def cpu_seconds(pid: int | None = None) -> float | None:
         return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError):
         return None
+
+
+def postgres_cpu_seconds() -> float | None:
+    """CPU time of every process named postgres on this machine (the server's
+    backends and helpers; a bench runs alone on its server)."""
+    total, found = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        name, rest = text.split("(", 1)[1].rsplit(")", 1)
+        if name == "postgres":
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            found = True
+    return total if found else None

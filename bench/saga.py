@@ -20,7 +20,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import CHECKOUT, QUERIES, emit, pct_ms, peak_rss_mb, scratch_database
+import httpx
+
+from bench.common import (
+    CHECKOUT,
+    QUERIES,
+    cpu_seconds,
+    emit,
+    pct_ms,
+    peak_rss_mb,
+    postgres_cpu_seconds,
+    scratch_database,
+)
 from bench.http import _make_carts
 from orderflow.app.serving import free_port, wait_until_up
 from orderflow.services.idempotency import Answer, request_fingerprint, run_idempotent
@@ -123,8 +134,20 @@ def pgbench_tps(url: str, seconds: int = 15, clients: int = 8) -> float:
     raise RuntimeError("pgbench printed no tps")
 
 
+def _ms_per(before: list[float | None], after: list[float | None], n: int) -> float | None:
+    if n == 0 or None in before or None in after:
+        return None
+    return round((sum(after) - sum(before)) * 1000 / n, 2)  # type: ignore[arg-type]
+
+
 def run(
-    orders: int, workers: int, concurrency: int, pgbench_s: int, preload: int = 0
+    orders: int,
+    workers: int,
+    concurrency: int,
+    pgbench_s: int,
+    preload: int = 0,
+    latency_ms: float = 0.0,
+    backlog: bool = False,
 ) -> dict[str, Any]:
     with scratch_database("orderflow_bench_saga") as url:
         if preload:  # finished orders with their history and outbox rows, for the flat-cost run
@@ -160,6 +183,13 @@ def run(
         procs: list[subprocess.Popen[bytes]] = []
         try:
             wait_until_up(f"{sandbox_url}/_sandbox/health")
+            if latency_ms:  # every provider call waits this long before it is served
+                rule = {"endpoint": "*", "mode": "latency", "latency_ms": latency_ms}
+                httpx.post(
+                    f"{sandbox_url}/_sandbox/faults", json={"rules": [rule]}
+                ).raise_for_status()
+            if backlog:  # every order waits before the workers start: all claimable at once
+                _place_all(url, main_carts)
             procs = [
                 subprocess.Popen(
                     [
@@ -174,9 +204,16 @@ def run(
             time.sleep(2.0)  # let them start and migrate (a no-op) before the clock runs
             time.sleep(1.1)  # pg_stat_database is flushed about once a second
             commits_before = int(_scalar(url, "bench_xact_commits"))
-            _place_all(url, main_carts)
+            cpu0 = ([cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()],
+                    [cpu_seconds(sandbox.pid)])  # fmt: skip
+            if not backlog:
+                _place_all(url, main_carts)
             polls = _wait_settled(url, timeout_s=600)
-            elapsed = float(str(_scalar(url, "bench_saga_span")))  # numeric from EXTRACT
+            cpu1 = ([cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()],
+                    [cpu_seconds(sandbox.pid)])  # fmt: skip
+            peak_calls = httpx.get(f"{sandbox_url}/_sandbox/health").json()["peak_calls_in_flight"]
+            span = "bench_saga_span_from_claim" if backlog else "bench_saga_span"
+            elapsed = float(str(_scalar(url, span)))  # numeric from EXTRACT
             sagas_per_s = total / elapsed if elapsed else 0.0
             time.sleep(1.1)
             commits = int(_scalar(url, "bench_xact_commits")) - commits_before - polls - 2
@@ -213,6 +250,14 @@ def run(
         "pgbench_N_tps": round(tps, 1),
         "ratio_to_pgbench_over_4": round(sagas_per_s / (tps / 4), 3) if tps else None,
         "worker_peak_rss_mb": max((r for r in worker_rss if r is not None), default=None),
+        "provider_latency_ms": latency_ms,
+        "backlog_first": backlog,
+        "concurrency": concurrency,
+        "sandbox_peak_concurrent_calls": peak_calls,
+        # CPU per saga while the main batch drained (placing orders included in Postgres's)
+        "worker_cpu_ms_per_saga": _ms_per(cpu0[0], cpu1[0], total),
+        "postgres_cpu_ms_per_saga": _ms_per(cpu0[1], cpu1[1], total),
+        "sandbox_cpu_ms_per_saga": _ms_per(cpu0[2], cpu1[2], total),
     }
     print(
         f"{total} sagas with {workers} worker(s) x {concurrency}: {sagas_per_s:.1f} sagas/s;"
@@ -223,6 +268,21 @@ def run(
     return result
 
 
-def main(orders: int, workers: int, concurrency: int, pgbench_s: int, preload: int = 0) -> int:
-    emit(run(orders, workers, concurrency, pgbench_s, preload))
+def main(
+    orders: int,
+    workers: int,
+    concurrency: int,
+    pgbench_s: int,
+    preload: int = 0,
+    latency_ms: float = 0.0,
+    backlog: bool = False,
+) -> int:
+    result = run(orders, workers, concurrency, pgbench_s, preload, latency_ms, backlog)
+    print(
+        f"provider latency {latency_ms:g} ms: sandbox saw at most"
+        f" {result['sandbox_peak_concurrent_calls']} calls at once; CPU per saga: worker"
+        f" {result['worker_cpu_ms_per_saga']} ms, Postgres {result['postgres_cpu_ms_per_saga']} ms,"
+        f" sandbox {result['sandbox_cpu_ms_per_saga']} ms"
+    )
+    emit(result)
     return 0

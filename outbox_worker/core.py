@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from orderflow import failpoints
 from orderflow.metrics import COMPENSATIONS, DEAD_LETTERS, STEP_LATENCY, STEP_RETRIES
+from orderflow.outbox_worker.bridge import offload
 from orderflow.outbox_worker.outcomes import (
     Action,
     AttemptHistory,
@@ -194,6 +195,14 @@ def _checkpointer(row: ClaimedRow, config: WorkerConfig, connect: Connect) -> Ca
         states: tuple[OrderState, ...] | None,
         record: Callable[[psycopg.Connection[Any]], None] | None = None,
     ) -> None:
+        offload(_checkpoint, memory, states, record)  # off the event loop when bridged
+        failpoints.hit(f"{row.step}.after_checkpoint")
+
+    def _checkpoint(
+        memory: dict[str, Any],
+        states: tuple[OrderState, ...] | None,
+        record: Callable[[psycopg.Connection[Any]], None] | None,
+    ) -> None:
         with connect() as conn, conn.transaction():
             result = conn.execute(
                 QUERIES["checkpoint_outbox_row"],
@@ -213,7 +222,6 @@ def _checkpointer(row: ClaimedRow, config: WorkerConfig, connect: Connect) -> Ca
                 raise OrderMoved(row.order_id)
             if record is not None:
                 record(conn)
-        failpoints.hit(f"{row.step}.after_checkpoint")
 
     return checkpoint
 

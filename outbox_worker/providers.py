@@ -19,14 +19,18 @@ own ids; GETs (retrieve, list, search, lookups) are safe to repeat.
 
 from __future__ import annotations
 
+import itertools
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import certifi
 import httpx
 import stripe
 
 from orderflow.config import Settings
+from orderflow.outbox_worker.bridge import call_io
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,44 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
 # ---------------------------------------------------------------- Stripe
 
 
+class AsyncClients:
+    """httpx.AsyncClients taken in turn, for calls made on the worker's event loop.
+
+    One client's pool admits no limit here (the bound on calls in flight is the
+    worker's: a default pool of 100 would make the 101st call wait and time out
+    as an unknown outcome), and httpcore's pool rescans every waiting request on
+    each change, a cost that grows with the square of the calls in flight: split
+    over several clients, each sees a share."""
+
+    def __init__(self, size: int = 16, **kwargs: Any) -> None:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+        # One TLS context for all of them (each would load the CA bundle: MBs apiece).
+        kwargs.setdefault("verify", ssl.create_default_context(cafile=certifi.where()))
+        self._clients = [httpx.AsyncClient(limits=limits, **kwargs) for _ in range(size)]
+        self._turn = itertools.cycle(self._clients)
+
+    def pick(self) -> httpx.AsyncClient:
+        return next(self._turn)
+
+
+class _StripeHttp(stripe.HTTPXClient):
+    """The SDK's httpx client, its async calls spread over AsyncClients."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._async_clients = AsyncClients(
+            verify=ssl.create_default_context(cafile=stripe.ca_bundle_path)
+        )
+        super().__init__(**kwargs)
+
+    @property
+    def _client_async(self) -> httpx.AsyncClient:
+        return self._async_clients.pick()
+
+    @_client_async.setter
+    def _client_async(self, value: httpx.AsyncClient) -> None:
+        pass  # the SDK's own single client is replaced by the turns above
+
+
 class StripeApi:
     """The Stripe calls the saga makes, through the official SDK (its v1 client)."""
 
@@ -114,65 +156,66 @@ class StripeApi:
             config.stripe_api_key or "sk_test_missing",
             base_addresses={"api": config.stripe_api_base},
             max_network_retries=0,  # retries are ours: counted, backed off, durable
-            http_client=stripe.HTTPXClient(timeout=config.timeout_s, allow_sync_methods=True),
+            http_client=_StripeHttp(timeout=config.timeout_s, allow_sync_methods=True),
         )
 
     @property
     def _v1(self) -> Any:
         return self._client.v1
 
-    def create_intent(self, params: Mapping[str, Any], key: str) -> Reply:
+    def _call(self, service: str, method: str, *args: Any, **kwargs: Any) -> Reply:
+        """One SDK call: its `_async` twin awaited on the worker's event loop when the
+        step runs bridged (outbox_worker.bridge), the blocking one otherwise."""
+        api = getattr(self._v1, service)
         return _stripe(
-            lambda: self._v1.payment_intents.create(
-                params=dict(params), options={"idempotency_key": key}
+            lambda: call_io(
+                lambda: getattr(api, method)(*args, **kwargs),
+                lambda: getattr(api, f"{method}_async")(*args, **kwargs),
             )
+        )
+
+    def create_intent(self, params: Mapping[str, Any], key: str) -> Reply:
+        return self._call(
+            "payment_intents", "create", params=dict(params), options={"idempotency_key": key}
         )
 
     def confirm_intent(self, intent_id: str, params: Mapping[str, Any], key: str) -> Reply:
-        return _stripe(
-            lambda: self._v1.payment_intents.confirm(
-                intent_id, params=dict(params), options={"idempotency_key": key}
-            )
-        )
+        return self._call(
+            "payment_intents", "confirm", intent_id, params=dict(params),
+            options={"idempotency_key": key},
+        )  # fmt: skip
 
     def retrieve_intent(self, intent_id: str) -> Reply:
-        return _stripe(lambda: self._v1.payment_intents.retrieve(intent_id))
+        return self._call("payment_intents", "retrieve", intent_id)
 
     def cancel_intent(self, intent_id: str, key: str) -> Reply:
-        return _stripe(
-            lambda: self._v1.payment_intents.cancel(
-                intent_id,
-                params={"cancellation_reason": "abandoned"},
-                options={"idempotency_key": key},
-            )
-        )
+        return self._call(
+            "payment_intents", "cancel", intent_id,
+            params={"cancellation_reason": "abandoned"}, options={"idempotency_key": key},
+        )  # fmt: skip
 
     def search_intents(self, order_id: str) -> Reply:
         # Search lags writes (Stripe: under a minute, longer in incidents): a hit
         # is proof, an empty answer is not.
         query = f"metadata['order_id']:'{order_id}'"
-        return _stripe(
-            lambda: self._v1.payment_intents.search(params={"query": query, "limit": 10})
-        )
+        return self._call("payment_intents", "search", params={"query": query, "limit": 10})
 
     def list_intents(self, created_gte: int, starting_after: str | None = None) -> Reply:
         params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": 100}
         if starting_after:
             params["starting_after"] = starting_after
-        return _stripe(lambda: self._v1.payment_intents.list(params=params))
+        return self._call("payment_intents", "list", params=params)
 
     def create_refund(self, params: Mapping[str, Any], key: str) -> Reply:
-        return _stripe(
-            lambda: self._v1.refunds.create(params=dict(params), options={"idempotency_key": key})
+        return self._call(
+            "refunds", "create", params=dict(params), options={"idempotency_key": key}
         )
 
     def retrieve_refund(self, refund_id: str) -> Reply:
-        return _stripe(lambda: self._v1.refunds.retrieve(refund_id))
+        return self._call("refunds", "retrieve", refund_id)
 
     def list_refunds(self, intent_id: str) -> Reply:
-        return _stripe(
-            lambda: self._v1.refunds.list(params={"payment_intent": intent_id, "limit": 100})
-        )
+        return self._call("refunds", "list", params={"payment_intent": intent_id, "limit": 100})
 
 
 def _stripe(call: Callable[[], Any]) -> Reply:
@@ -228,10 +271,17 @@ class HttpApi:
 
     def __init__(self, base: str, timeout_s: float) -> None:
         self.base = base.rstrip("/")
+        self._timeout_s = timeout_s
         self._http = httpx.Client(timeout=timeout_s)
+        self._async_http: AsyncClients | None = None
 
     def close(self) -> None:
         self._http.close()
+
+    def _request_async(self, method: str, url: str, **kwargs: Any) -> Any:
+        if self._async_http is None:  # made on first use, on the worker's loop
+            self._async_http = AsyncClients(timeout=self._timeout_s)
+        return self._async_http.pick().request(method, url, **kwargs)
 
     def post(self, path: str, body: Mapping[str, Any], key: str) -> Reply:
         return self._send("POST", path, json=dict(body), headers={"Idempotency-Key": key})
@@ -243,7 +293,11 @@ class HttpApi:
         if not self.base:
             return Misconfigured(f"no base URL configured for {path}")
         try:
-            response = self._http.request(method, f"{self.base}{path}", **kwargs)
+            url = f"{self.base}{path}"
+            response = call_io(
+                lambda: self._http.request(method, url, **kwargs),
+                lambda: self._request_async(method, url, **kwargs),
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return NotSent(f"could not connect: {type(exc).__name__}")
         except httpx.HTTPError as exc:

@@ -141,4 +141,12 @@ async def reset(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "requests": sandbox_of(request).world.requests})
+    world = sandbox_of(request).world
+    return JSONResponse(
+        {
+            "status": "ok",
+            "requests": world.requests,
+            "calls_in_flight": world.calls_in_flight,
+            "peak_calls_in_flight": world.peak_calls_in_flight,
+        }
+    )

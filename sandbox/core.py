@@ -266,6 +266,10 @@ class World:
     http: httpx.AsyncClient | None = None
     requests: int = 0
     seq: int = 0
+    # Provider calls being served right now, and the most at once (bench saga
+    # reports whether the worker keeps thousands in flight under latency).
+    calls_in_flight: int = 0
+    peak_calls_in_flight: int = 0
 
     def now(self) -> float:
         """The sandbox clock: real time moved on by POST /_sandbox/clock."""
@@ -517,9 +521,14 @@ async def _execute(
         if rule.mode == "latency" and rule.matches(names) and random.random() < rule.rate:
             rule.consume()
             latency += rule.latency_ms / 1000
-    if latency > 0:
-        await asyncio.sleep(latency)
-    outcome = await perform(key)
+    world.calls_in_flight += 1
+    world.peak_calls_in_flight = max(world.peak_calls_in_flight, world.calls_in_flight)
+    try:
+        if latency > 0:
+            await asyncio.sleep(latency)
+        outcome = await perform(key)
+    finally:
+        world.calls_in_flight -= 1
     if 200 <= outcome.status < 300:
         after = world.take(names, AFTER_MODES)
         if after is not None:

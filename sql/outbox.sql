@@ -1,13 +1,26 @@
 -- claim_outbox --
--- Claim up to n ready rows (pending and due, or in flight with an expired lease): lease them, bump the fence; with each, what its step needs to know about the order (state, money, address, lines, payment and shipment references)
-WITH ready AS (
+-- Claim up to n ready rows (in flight with an expired lease, then pending and due; two index-ordered reads): lease them, bump the fence; with each, what its step needs to know about the order (state, money, address, lines, payment and shipment references)
+WITH expired AS (
+    -- Leases left by a dead worker first (few, and due longest); each read walks
+    -- its own partial index in order and stops at its LIMIT, so a claim costs
+    -- the same with 10 or 100,000 ready rows.
     SELECT id
       FROM outbox
-     WHERE (status = 'pending' AND available_at <= now())
-        OR (status = 'in_flight' AND lease_until < now())
-     ORDER BY available_at, id
+     WHERE status = 'in_flight' AND lease_until < now()
+     ORDER BY lease_until
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT id
+      FROM outbox
+     WHERE status = 'pending' AND available_at <= now()
+     ORDER BY available_at, id
+     LIMIT greatest(%(limit)s - (SELECT count(*) FROM expired), 0)
+       FOR UPDATE SKIP LOCKED
+), ready AS (
+    SELECT id FROM expired
+    UNION ALL
+    SELECT id FROM due
 ), claimed AS (
     UPDATE outbox o
        SET status = 'in_flight',
@@ -16,8 +29,7 @@ WITH ready AS (
            fence = o.fence + 1,
            attempts = o.attempts + 1,
            claimed_at = COALESCE(o.claimed_at, clock_timestamp())
-      FROM ready
-     WHERE o.id = ready.id
+     WHERE o.id = ANY (ARRAY(SELECT id FROM ready))  -- by primary key, never a scan
     RETURNING o.id, o.order_id, o.step, o.idempotency_key, o.fence, o.attempts, o.payload
 )
 SELECT c.*,

@@ -1534,7 +1534,24 @@ def test_reset_restores_everything(
 def test_health_counts_requests(sb: Sandbox, client: stripe.StripeClient) -> None:
     pay(client, "k-1")
     client.v1.payment_intents.list()
-    assert sb.get("/_sandbox/health").json() == {"status": "ok", "requests": 2}
+    health = sb.get("/_sandbox/health").json()
+    assert {k: health[k] for k in ("status", "requests")} == {"status": "ok", "requests": 2}
+    assert health["calls_in_flight"] == 0 and health["peak_calls_in_flight"] == 1
+
+
+def test_health_reports_the_most_calls_served_at_once(sb: Sandbox) -> None:
+    """What bench saga reads to show the worker keeps calls in flight under latency."""
+    sb.faults({"endpoint": "*", "mode": "latency", "latency_ms": 400})
+    clients = [sb.client() for _ in range(12)]
+    threads = [
+        threading.Thread(target=lambda c=c, i=i: pay(c, f"k-{i}")) for i, c in enumerate(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    health = sb.get("/_sandbox/health").json()
+    assert health["peak_calls_in_flight"] >= 12 and health["calls_in_flight"] == 0
 
 
 def test_inspect_payment_intents(sb: Sandbox, client: stripe.StripeClient) -> None:
