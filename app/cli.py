@@ -108,13 +108,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     require_api(settings)
     url = resolve_url(settings)
     _migrate(url, settings)
-    uvicorn.run(
-        create_app(settings, database_url=url),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=not args.no_access_log,
-    )
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level,
+              "access_log": not args.no_access_log}  # fmt: skip
+    if args.workers > 1:
+        # Each worker process builds its own app (and pool) from the environment.
+        os.environ["DATABASE_URL"] = url
+        uvicorn.run("orderflow.app.main:create_app", factory=True, workers=args.workers, **common)
+    else:
+        uvicorn.run(create_app(settings, database_url=url), **common)
     return 0
 
 
@@ -190,7 +191,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_http(args: argparse.Namespace, settings: Settings) -> int:
-    return int(_bench("http").main(args.seconds, args.concurrency))
+    return int(_bench("http").main(args.seconds, args.concurrency, args.workers))
 
 
 def _wait_for_database(attempt: Callable[[], None], stop: threading.Event) -> bool:
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
     p.add_argument("--no-access-log", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="API processes (uvicorn's workers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("dashboard", help="serve the operations dashboard (read-mostly web UI)")
@@ -521,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("http", help="POST /v1/orders against a bare INSERT endpoint")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1, help="API processes")
     p.set_defaults(func=cmd_bench_http)
     p = bench_sub.add_parser("saga", help="sagas/s and pickup latency, against pgbench -N")
     p.add_argument("--orders", type=int, default=5000)

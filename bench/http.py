@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from ulid import ULID
@@ -66,7 +67,7 @@ def _make_carts(url: str, users: list[uuid.UUID], per_user: int) -> dict[uuid.UU
     return carts
 
 
-def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
+def run(seconds: float = 10.0, concurrency: int = 16, workers: int = 1) -> dict[str, Any]:
     with scratch_database("orderflow_bench_http") as url:
         users = [uuid.uuid4() for _ in range(concurrency)]
         carts = _make_carts(url, users, per_user=int(seconds * 400) + 200)
@@ -74,7 +75,17 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         port = free_port()
         env = {**os.environ, "JWT_SECRET": SECRET, "JWT_AUDIENCE": "orderflow"}
         server = subprocess.Popen(
-            [sys.executable, "-m", "bench.http_server", "--db-url", url, "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "bench.http_server",
+                "--db-url",
+                url,
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
             env=env,
             cwd=CHECKOUT,  # bench/ is importable from the checkout only
         )
@@ -96,7 +107,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
                 return "POST", "/v1/orders", headers, body
 
             asyncio.run(drive(orders, "127.0.0.1", port, concurrency, seconds, place))
-            api_rss_mb = peak_rss_mb(server.pid)
+            api_rss_mb = _peak_rss_of_tree(server.pid)
         finally:
             server.terminate()
             server.wait(10)
@@ -107,7 +118,7 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
             f"   errors {phase.errors or 0}"
         )
     ratio = orders.rate / bare.rate if bare.rate else 0.0
-    setup = f"concurrency {concurrency}, {seconds:g} s each"
+    setup = f"concurrency {concurrency}, {seconds:g} s each, {workers} API process(es)"
     print(f"ratio orders/bare: {ratio:.2f} (target >= 0.5), {setup}")
     print(f"API process peak RSS: {api_rss_mb} MB (target <= 150)")
     return {
@@ -119,12 +130,21 @@ def run(seconds: float = 10.0, concurrency: int = 16) -> dict[str, Any]:
         "bare_p99_ms": pct_ms(bare.latencies_ms, 99),
         "ratio": round(ratio, 3),
         "concurrency": concurrency,
+        "api_workers": workers,
         "seconds": seconds,
         "errors": sum(orders.errors.values()) + sum(bare.errors.values()),
         "api_peak_rss_mb": api_rss_mb,
     }
 
 
-def main(seconds: float, concurrency: int) -> int:
-    emit(run(seconds, concurrency))
+def _peak_rss_of_tree(pid: int) -> float | None:
+    """The largest peak RSS of the server and its worker processes (uvicorn --workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+    peaks = [r for r in (peak_rss_mb(p) for p in pids) if r is not None]
+    return max(peaks, default=None)
+
+
+def main(seconds: float, concurrency: int, workers: int = 1) -> int:
+    emit(run(seconds, concurrency, workers))
     return 0

@@ -8,6 +8,7 @@ import os
 import uvicorn
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,15 +39,31 @@ async def bare_insert(request: Request) -> Response:
     return Response(f'{{"id":{row_id}}}', status_code=201, media_type="application/json")
 
 
+def create_bench_app() -> Starlette:
+    """The API with the bare endpoint beside it (a factory: each uvicorn worker
+    process builds its own, on BENCH_DATABASE_URL)."""
+    app = create_app(database_url=os.environ["BENCH_DATABASE_URL"])
+    app.router.routes.append(Route("/_bench/insert", bare_insert, methods=["POST"]))
+    return app
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--db-url", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("JWT_SECRET", "bench-secret-bench-secret-bench-secret!")
-    app = create_app(database_url=args.db_url)
-    app.router.routes.append(Route("/_bench/insert", bare_insert, methods=["POST"]))
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    os.environ["BENCH_DATABASE_URL"] = args.db_url
+    uvicorn.run(
+        "bench.http_server:create_bench_app",
+        factory=True,
+        workers=args.workers,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -152,3 +152,38 @@ def _interpreter_for_others() -> str | None:
         if probe.returncode == 0:
             return candidate
     return None
+
+
+def test_serve_with_two_worker_processes(db_url: str) -> None:
+    """`orderflow serve --workers 2`: uvicorn's worker processes each build the app
+    from the environment (the resolved database included) and answer."""
+    import signal
+    import time
+
+    import httpx
+
+    from orderflow.app.serving import free_port
+
+    port = free_port()
+    env = _env(DATABASE_URL=db_url, JWT_SECRET="s" * 40, JWT_ADMIN_SECRET="a" * 40)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orderflow.app.cli", "serve", "--workers", "2", "--port", str(port)],
+        env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(pids) < 2:
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                assert answer.status_code == 200, answer.text
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+            pids = {int(c) for c in children}
+        assert len(pids) >= 2  # two worker processes under the supervisor
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
