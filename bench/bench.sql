@@ -175,13 +175,6 @@ SELECT id, 'ship_order', id || ':ship_order', now() + interval '1 hour' FROM pai
 UPDATE outbox SET available_at = now()
  WHERE step = 'ship_order' AND status = 'pending' AND order_id NOT LIKE 'K%%';  -- not the backlog
 
--- bench_dispatch_span --
--- Rows finished and seconds from the first claim to the last finish, for outbox rows after a mark
-SELECT count(*) AS rows,
-       EXTRACT(EPOCH FROM max(done_at) - min(claimed_at)) AS seconds
-  FROM outbox
- WHERE id > %(after_id)s AND step IN ('ship_order', 'send_confirmation') AND status = 'done';
-
 -- bench_seed_dead_letters --
 -- Park the n first synthetic confirmed orders in needs_attention, each with a dead send_confirmation row
 WITH picked AS (

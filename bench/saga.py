@@ -134,6 +134,16 @@ def pgbench_tps(url: str, seconds: int = 15, clients: int = 8) -> float:
     raise RuntimeError("pgbench printed no tps")
 
 
+CpuSample = tuple[list[float | None], list[float | None], list[float | None]]
+
+
+def _cpu_sample(
+    procs: list[subprocess.Popen[bytes]], sandbox: subprocess.Popen[bytes]
+) -> CpuSample:
+    """CPU seconds so far: the worker processes, Postgres's processes, the sandbox."""
+    return [cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()], [cpu_seconds(sandbox.pid)]
+
+
 def _ms_per(before: list[float | None], after: list[float | None], n: int) -> float | None:
     if n == 0 or None in before or None in after:
         return None
@@ -204,13 +214,11 @@ def run(
             time.sleep(2.0)  # let them start and migrate (a no-op) before the clock runs
             time.sleep(1.1)  # pg_stat_database is flushed about once a second
             commits_before = int(_scalar(url, "bench_xact_commits"))
-            cpu0 = ([cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()],
-                    [cpu_seconds(sandbox.pid)])  # fmt: skip
+            cpu0 = _cpu_sample(procs, sandbox)
             if not backlog:
                 _place_all(url, main_carts)
             polls = _wait_settled(url, timeout_s=600)
-            cpu1 = ([cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()],
-                    [cpu_seconds(sandbox.pid)])  # fmt: skip
+            cpu1 = _cpu_sample(procs, sandbox)
             peak_calls = httpx.get(f"{sandbox_url}/_sandbox/health").json()["peak_calls_in_flight"]
             span = "bench_saga_span_from_claim" if backlog else "bench_saga_span"
             elapsed = float(str(_scalar(url, span)))  # numeric from EXTRACT

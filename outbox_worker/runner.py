@@ -352,10 +352,7 @@ class Worker:
         with self._lock:
             leftover = list(self._inflight)
         if leftover:
-            with self.pool.connection() as conn:
-                conn.execute(
-                    QUERIES["release_outbox_rows"], {"ids": leftover, "owner": self.config.owner}
-                )
+            self._release_ids(leftover)
 
     def _listen(self) -> None:
         while not self.stop.is_set():

@@ -319,7 +319,20 @@ CREATE = "create"
 CONFIRM = ""
 
 
-class ChargePayment(Step):
+class _PaymentStep(Step):
+    """A step whose transitions move the order's stock with its payment."""
+
+    def after_transition(
+        self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome, moved: Outcome
+    ) -> None:
+        # A capture sells the reserved units; a processing debit holds them longer.
+        payments.after_transition(
+            conn, c.order_id, moved, IntentView.from_facts(outcome.facts),
+            c.settings.processing_hold_s,
+        )  # fmt: skip
+
+
+class ChargePayment(_PaymentStep):
     """Create the order's PaymentIntent, note its id, then confirm it.
 
     The id is noted in the row (and in payment_intents, one per order) before
@@ -330,15 +343,6 @@ class ChargePayment(Step):
     succeed only once, so no replay can take the money twice."""
 
     name = "charge_payment"
-
-    def after_transition(
-        self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome, moved: Outcome
-    ) -> None:
-        # A capture sells the reserved units; a processing debit holds them longer.
-        payments.after_transition(
-            conn, c.order_id, moved, IntentView.from_facts(outcome.facts),
-            c.settings.processing_hold_s,
-        )  # fmt: skip
 
     def run(self, c: StepCall) -> StepOutcome:
         intent_id = c.memory.get("payment_intent_id") or c.order.get("payment_intent_id")
@@ -528,20 +532,11 @@ def _record_payment(conn: psycopg.Connection[Any], c: RecordCall, outcome: StepO
 # ---------------------------------------------------------------- await_payment
 
 
-class AwaitPayment(Step):
+class AwaitPayment(_PaymentStep):
     """Poll the PaymentIntent while it waits for the customer or the bank (the
     fallback: the webhook usually says it first)."""
 
     name = "await_payment"
-
-    def after_transition(
-        self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome, moved: Outcome
-    ) -> None:
-        # A capture sells the reserved units; a processing debit holds them longer.
-        payments.after_transition(
-            conn, c.order_id, moved, IntentView.from_facts(outcome.facts),
-            c.settings.processing_hold_s,
-        )  # fmt: skip
 
     def run(self, c: StepCall) -> StepOutcome:
         if c.settle:

@@ -87,22 +87,13 @@ def test_a_return_replayed_after_the_purge_gets_its_answer(conn: Any, client: An
     assert client.post(path, json=body, headers=order_headers(tok, "r-2")).status_code == 409
 
 
-def test_replays_racing_the_purge_never_answer_5xx(
-    live_server: str, db_url: str, conn: Any
-) -> None:
-    """200 replays of 10 keys (half with another body) while the purge runs
-    over and over: only 201, 409 (in flight) and 422 (reuse)."""
+def _post_while_purging(
+    live_server: str, db_url: str, posts: list[tuple[str, str, dict[str, Any]]], repeats: int
+) -> Counter[int]:
+    """Each (token, key, body) posted `repeats` times from a thread of its own while
+    the purge runs over and over; the statuses the API answered."""
     from orderflow.sql.db import connect
 
-    with httpx.Client(base_url=live_server, timeout=30) as http:
-        keys = []
-        for i in range(10):
-            tok = token(uuid.uuid4())
-            cart = new_cart(http, tok)
-            other = new_cart(http, tok)
-            r = http.post("/v1/orders", json=_order_body(cart), headers=order_headers(tok, f"k{i}"))
-            assert r.status_code == 201
-            keys.append((tok, f"k{i}", cart, other))
     stop = threading.Event()
 
     def purge() -> None:
@@ -113,11 +104,9 @@ def test_replays_racing_the_purge_never_answer_5xx(
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
 
-    def replay(n: int) -> None:
-        tok, key, cart, other = keys[n % len(keys)]
-        body = _order_body(other if n % 2 else cart)
+    def post(tok: str, key: str, body: dict[str, Any]) -> None:
         with httpx.Client(base_url=live_server, timeout=30) as http:
-            for _ in range(10):
+            for _ in range(repeats):
                 r = http.post(
                     "/v1/orders", json=body, headers={**auth(tok), "Idempotency-Key": key}
                 )
@@ -126,13 +115,36 @@ def test_replays_racing_the_purge_never_answer_5xx(
 
     purger = threading.Thread(target=purge)
     purger.start()
-    threads = [threading.Thread(target=replay, args=(n,)) for n in range(20)]
+    threads = [threading.Thread(target=post, args=args) for args in posts]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     stop.set()
     purger.join(10)
+    return statuses
+
+
+def test_replays_racing_the_purge_never_answer_5xx(
+    live_server: str, db_url: str, conn: Any
+) -> None:
+    """200 replays of 10 keys (half with another body) while the purge runs
+    over and over: only 201, 409 (in flight) and 422 (reuse)."""
+
+    with httpx.Client(base_url=live_server, timeout=30) as http:
+        keys = []
+        for i in range(10):
+            tok = token(uuid.uuid4())
+            cart = new_cart(http, tok)
+            other = new_cart(http, tok)
+            r = http.post("/v1/orders", json=_order_body(cart), headers=order_headers(tok, f"k{i}"))
+            assert r.status_code == 201
+            keys.append((tok, f"k{i}", cart, other))
+    posts = []
+    for n in range(20):  # half of the replays with the key's first body, half with another
+        tok, key, cart, other = keys[n % len(keys)]
+        posts.append((tok, key, _order_body(other if n % 2 else cart)))
+    statuses = _post_while_purging(live_server, db_url, posts, repeats=10)
     assert sum(statuses.values()) == 200
     assert set(statuses) <= {201, 409, 422}, statuses
     assert statuses[201] > 0 and statuses[422] > 0
@@ -145,43 +157,17 @@ def test_new_keys_racing_the_purge_never_answer_5xx(
     """The purge removing a key row while its request is in phase 2 (or two
     requests with one key, each after a purge): only 201, 409 and 422, and one
     order per key at most."""
-    from orderflow.sql.db import connect
 
     with httpx.Client(base_url=live_server, timeout=30) as http:
         keys = []
         for i in range(8):
             tok = token(uuid.uuid4())
             keys.append((tok, f"new{i}", [new_cart(http, tok) for _ in range(3)]))
-    stop = threading.Event()
-
-    def purge() -> None:
-        with connect(db_url) as c:
-            while not stop.is_set():
-                c.execute(PURGE, PURGE_ALL)
-
-    statuses: Counter[int] = Counter()
-    lock = threading.Lock()
-
-    def create(n: int) -> None:
+    posts = []
+    for n in range(3 * len(keys)):  # three carts per key, each from its own thread
         tok, key, carts = keys[n % len(keys)]
-        body = _order_body(carts[n // len(keys)])
-        with httpx.Client(base_url=live_server, timeout=30) as http:
-            for _ in range(5):
-                r = http.post(
-                    "/v1/orders", json=body, headers={**auth(tok), "Idempotency-Key": key}
-                )
-                with lock:
-                    statuses[r.status_code] += 1
-
-    purger = threading.Thread(target=purge)
-    purger.start()
-    threads = [threading.Thread(target=create, args=(n,)) for n in range(3 * len(keys))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    stop.set()
-    purger.join(10)
+        posts.append((tok, key, _order_body(carts[n // len(keys)])))
+    statuses = _post_while_purging(live_server, db_url, posts, repeats=5)
     assert sum(statuses.values()) == 5 * 3 * len(keys)
     assert set(statuses) <= {201, 409, 422}, statuses
     made = conn.execute(
