@@ -316,14 +316,22 @@ PRELOAD_HELP = "first load this many finished orders with their history (flat-co
 
 
 def cmd_bench_dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    return int(_bench("dispatch").main(args.rows, args.concurrency, args.preload, args.backlog))
+    return int(
+        _bench("dispatch").main(
+            args.rows, args.concurrency, args.preload, args.backlog, args.threads, args.peers
+        )
+    )
+
+
+def cmd_bench_clients(args: argparse.Namespace, settings: Settings) -> int:
+    return int(_bench("clients").main(args.calls, args.in_flight))
 
 
 def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
     run = _bench("saga").main
     return int(
         run(args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload,
-            args.provider_latency_ms, args.backlog_first)
+            args.provider_latency_ms, args.backlog_first, args.worker_checkout, args.peers)
     )  # fmt: skip
 
 
@@ -537,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backlog-first", action="store_true", help="place every order before the workers start"
     )
+    p.add_argument(
+        "--worker-checkout", type=Path, default=None,
+        help="run the workers from this checkout (an earlier commit's worktree), same bench",
+    )  # fmt: skip
+    p.add_argument(
+        "--peers", action="store_true", help="then DBOS's four-step workflow, as many of them"
+    )
     p.set_defaults(func=cmd_bench_saga)
     p = bench_sub.add_parser(
         "dispatch", help="ready outbox rows drained by one worker, no-op steps"
@@ -547,7 +562,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backlog", type=int, default=0, help="this many more ready rows, due first, in the table"
     )
+    p.add_argument("--threads", action="store_true", help="the threaded daemon (worker --threads)")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="then pgqueuer's drain of as many jobs (psycopg, asyncpg)",
+    )
     p.set_defaults(func=cmd_bench_dispatch)
+    p = bench_sub.add_parser("clients", help="the provider clients' own CPU per call")
+    p.add_argument("--calls", type=int, default=2000, help="calls per client and mode")
+    p.add_argument("--in-flight", type=int, default=64, help="calls at once on the event loop")
+    p.set_defaults(func=cmd_bench_clients)
     p = bench_sub.add_parser("reports", help="time every reporting view on synthetic history")
     p.add_argument("--orders", type=int, default=1_000_000)
     p.set_defaults(func=cmd_bench_reports)

@@ -225,3 +225,41 @@ SELECT count(*) AS rows,
                           - min(claimed_at)) AS seconds
   FROM outbox
  WHERE id > %(after_id)s AND status = 'done';
+
+-- bench_saga_hold --
+-- Keep the placed orders' first rows from the workers while they start (bench saga --backlog-first)
+WITH held AS (
+    UPDATE outbox SET available_at = now() + interval '1 hour'
+     WHERE step = 'charge_payment' AND status = 'pending'
+    RETURNING id
+)
+SELECT count(*) AS n FROM held;
+
+-- bench_saga_release --
+-- Make every held first row ready at once and wake the workers (the clock starts here)
+WITH released AS (
+    UPDATE outbox SET available_at = now()
+     WHERE step = 'charge_payment' AND status = 'pending'
+    RETURNING id
+)
+SELECT count(*) AS n, pg_notify('orderflow_outbox', '') AS notified FROM released;
+
+-- bench_statements_reset --
+-- Start counting statements afresh (pg_stat_statements, where the server preloads it)
+SELECT pg_stat_statements_reset() IS NOT NULL AS reset;
+
+-- bench_statements_total --
+-- Statements executed in this database since the reset (BEGIN and COMMIT included)
+SELECT COALESCE(sum(calls), 0)::bigint AS calls,
+       COALESCE(sum(calls) FILTER (WHERE query IN ('BEGIN', 'COMMIT')), 0)::bigint AS transaction_controls
+  FROM pg_stat_statements
+ WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- bench_statements_top --
+-- The statements that took the most server time since the reset
+SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query, calls,
+       round(total_exec_time::numeric, 1) AS total_ms, round(mean_exec_time::numeric, 3) AS mean_ms
+  FROM pg_stat_statements
+ WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ ORDER BY total_exec_time DESC
+ LIMIT %(n)s;

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, LiteralString
 
+import psycopg
+
 from orderflow.services.catalog import SAMPLE_CATALOG, load_catalog
 from orderflow.sql import QUERIES as PRODUCTION_QUERIES
 from orderflow.sql import migrate, parse_queries
@@ -100,3 +102,34 @@ def postgres_cpu_seconds() -> float | None:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             found = True
     return total if found else None
+
+
+def count_statements(url: str) -> bool:
+    """Reset pg_stat_statements in this database; False where the server does not
+    preload it (its counts are then not printed)."""
+    try:
+        with connect(url) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute(QUERIES["bench_statements_reset"])
+        return True
+    except psycopg.Error:
+        return False
+
+
+def statements_since_reset(url: str, per: int, top: int = 5) -> dict[str, Any]:
+    """Statements per unit of work since count_statements, and the top few by server time."""
+    with connect(url) as conn:
+        total: dict[str, Any] | None = conn.execute(QUERIES["bench_statements_total"]).fetchone()
+        rows: list[dict[str, Any]] = conn.execute(
+            QUERIES["bench_statements_top"], {"n": top}
+        ).fetchall()
+    assert total is not None
+    return {
+        "statements_per_unit": round(int(total["calls"]) / per, 2),
+        "transaction_controls_per_unit": round(int(total["transaction_controls"]) / per, 2),
+        "top_statements": [
+            {**r, "calls_per_unit": round(int(r["calls"]) / per, 2),
+             "total_ms": float(r["total_ms"]), "mean_ms": float(r["mean_ms"])}
+            for r in rows
+        ],
+    }  # fmt: skip

@@ -19,7 +19,16 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from bench.common import CHECKOUT, QUERIES, cpu_seconds, emit, peak_rss_mb, scratch_database
+from bench.common import (
+    CHECKOUT,
+    QUERIES,
+    count_statements,
+    cpu_seconds,
+    emit,
+    peak_rss_mb,
+    scratch_database,
+    statements_since_reset,
+)
 from orderflow.outbox_worker.providers import Ok, Reply
 from orderflow.services.orders import LineRequest
 from orderflow.services.service import create_order
@@ -94,11 +103,18 @@ class NoopProviders:
     email = _NoopEmail()
 
 
-def worker_main(url: str, concurrency: int) -> None:
-    """The worker process: the real Worker loop with no-op providers."""
+def worker_main(url: str, concurrency: int, asyncio_steps: bool = True) -> None:
+    """The worker process: the real Worker loop with no-op providers (the asyncio
+    daemon, as `orderflow worker` runs, or the threaded one)."""
     from orderflow.outbox_worker.runner import Worker
 
-    worker = Worker(url, NoopProviders(), concurrency=concurrency, housekeeping_s=3600)
+    worker = Worker(
+        url,
+        NoopProviders(),
+        concurrency=concurrency,
+        housekeeping_s=3600,
+        asyncio_steps=asyncio_steps,
+    )
     worker.install_signal_handlers()
     try:
         worker.run_forever(grace_s=5)
@@ -125,7 +141,9 @@ def _seed(url: str, rows: int) -> None:
         conn.execute("VACUUM ANALYZE orders")
 
 
-def run(rows: int, concurrency: int, preload: int = 0, backlog: int = 0) -> dict[str, Any]:
+def run(
+    rows: int, concurrency: int, preload: int = 0, backlog: int = 0, threads: bool = False
+) -> dict[str, Any]:
     with scratch_database("orderflow_bench_dispatch") as url:
         if preload:  # finished orders with their history and outbox rows, for the flat-cost run
             from bench.reports import seed
@@ -140,11 +158,13 @@ def run(rows: int, concurrency: int, preload: int = 0, backlog: int = 0) -> dict
         _seed(url, rows)
         proc = subprocess.Popen(
             [sys.executable, "-c",
-             f"from bench.dispatch import worker_main; worker_main({url!r}, {concurrency})"],
+             f"from bench.dispatch import worker_main;"
+             f" worker_main({url!r}, {concurrency}, asyncio_steps={not threads})"],
             cwd=CHECKOUT,
         )  # fmt: skip
         try:
             time.sleep(2.0)  # imports and the first claim (of nothing) before the clock runs
+            counting = count_statements(url)
             with connect(url) as conn:
                 machine_cpu0, worker_cpu0 = cpu_seconds(), cpu_seconds(proc.pid)
                 conn.execute(QUERIES["bench_dispatch_release"])
@@ -163,6 +183,7 @@ def run(rows: int, concurrency: int, preload: int = 0, backlog: int = 0) -> dict
                     time.sleep(0.2)
             machine_cpu1, worker_cpu1 = cpu_seconds(), cpu_seconds(proc.pid)
             worker_rss_mb = peak_rss_mb(proc.pid)
+            statements = statements_since_reset(url, 2 * rows) if counting else {}
         finally:
             proc.terminate()
             proc.wait(30)
@@ -183,22 +204,52 @@ def run(rows: int, concurrency: int, preload: int = 0, backlog: int = 0) -> dict
         **cpu,
         "rows": finished,
         "concurrency": concurrency,
+        "daemon": "threads" if threads else "asyncio",
         "seconds": round(seconds, 3),
         "rows_per_s": round(finished / seconds, 1),
         "worker_peak_rss_mb": worker_rss_mb,
+        # pg_stat_statements where the server preloads it (the bench's polls, 5/s, included)
+        "statements_per_row": statements.get("statements_per_unit"),
+        "begin_commit_per_row": statements.get("transaction_controls_per_unit"),
+        "top_statements": statements.get("top_statements"),
     }
 
 
-def main(rows: int, concurrency: int, preload: int = 0, backlog: int = 0) -> int:
-    result = run(rows, concurrency, preload, backlog)
+def main(
+    rows: int,
+    concurrency: int,
+    preload: int = 0,
+    backlog: int = 0,
+    threads: bool = False,
+    peers: bool = False,
+) -> int:
+    result = run(rows, concurrency, preload, backlog, threads)
     behind = f", {backlog:,} more ready rows in the table" if backlog else ""
     print(
-        f"one worker x {concurrency} drained {result['rows']} rows (ship_order and"
-        f" send_confirmation, no-op providers{behind}) in {result['seconds']} s:"
-        f" {result['rows_per_s']} rows/s (targets: 2,836 pgqueuer/psycopg, 9,702 asyncpg);"
-        f" worker peak RSS {result['worker_peak_rss_mb']} MB; CPU per row: worker"
-        f" {result['worker_cpu_ms_per_row']} ms, the rest (Postgres)"
+        f"one worker ({result['daemon']}) x {concurrency} drained {result['rows']} rows"
+        f" (ship_order and send_confirmation, no-op providers{behind}) in {result['seconds']} s:"
+        f" {result['rows_per_s']} rows/s; worker peak RSS {result['worker_peak_rss_mb']} MB;"
+        f" CPU per row: worker {result['worker_cpu_ms_per_row']} ms, the rest (Postgres)"
         f" {result['other_cpu_ms_per_row']} ms"
     )
+    for top in result["top_statements"] or []:
+        print(
+            f"postgres: {top['total_ms']:>9} ms {top['calls_per_unit']:>6} per row"
+            f" {top['mean_ms']:>7} ms each  {top['query']}"
+        )
+    if peers:  # the same number of jobs through pgqueuer, right after, on the same server
+        from bench.peers import pgqueuer_drain
+
+        for driver in ("psy", "apg"):
+            peer = pgqueuer_drain(result["rows"], driver)
+            result[f"pgqueuer_{driver}_jobs_per_s"] = peer["jobs_per_s"]
+            result[f"ratio_to_pgqueuer_{driver}"] = round(
+                result["rows_per_s"] / peer["jobs_per_s"], 3
+            )
+            print(
+                f"pgqueuer {peer['pgqueuer_version']} ({driver}, {peer['dequeuers']} dequeuers x"
+                f" batch {peer['batch_size']}) drained {peer['jobs']} no-op jobs:"
+                f" {peer['jobs_per_s']} jobs/s; ours {result[f'ratio_to_pgqueuer_{driver}']}x that"
+            )
     emit(result)
     return 0

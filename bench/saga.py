@@ -22,15 +22,18 @@ from typing import Any
 
 import httpx
 
+from bench.clients import measure as measure_clients
 from bench.common import (
     CHECKOUT,
     QUERIES,
+    count_statements,
     cpu_seconds,
     emit,
     pct_ms,
     peak_rss_mb,
     postgres_cpu_seconds,
     scratch_database,
+    statements_since_reset,
 )
 from bench.http import _make_carts
 from orderflow.app.serving import free_port, wait_until_up
@@ -144,6 +147,10 @@ def _cpu_sample(
     return [cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()], [cpu_seconds(sandbox.pid)]
 
 
+def _sandbox_requests(sandbox_url: str) -> int:
+    return int(httpx.get(f"{sandbox_url}/_sandbox/health").json()["requests"])
+
+
 def _ms_per(before: list[float | None], after: list[float | None], n: int) -> float | None:
     if n == 0 or None in before or None in after:
         return None
@@ -158,6 +165,7 @@ def run(
     preload: int = 0,
     latency_ms: float = 0.0,
     backlog: bool = False,
+    worker_checkout: Path | None = None,
 ) -> dict[str, Any]:
     with scratch_database("orderflow_bench_saga") as url:
         if preload:  # finished orders with their history and outbox rows, for the flat-cost run
@@ -198,27 +206,35 @@ def run(
                 httpx.post(
                     f"{sandbox_url}/_sandbox/faults", json={"rules": [rule]}
                 ).raise_for_status()
-            if backlog:  # every order waits before the workers start: all claimable at once
+            if backlog:  # every order waits, held until the workers run: all claimable at once
                 _place_all(url, main_carts)
+                _scalar(url, "bench_saga_hold")
             procs = [
                 subprocess.Popen(
                     [
                         sys.executable, "-m", "orderflow.app.cli", "worker",
                         "--concurrency", str(concurrency), "--log-level", "WARNING",
                     ],
-                    cwd=CHECKOUT,
-                    env=env,
+                    # another checkout's worker (an earlier commit), the same bench around it
+                    cwd=worker_checkout or CHECKOUT,
+                    env={**env, "PYTHONPATH": str(worker_checkout)} if worker_checkout else env,
                 )
                 for _ in range(workers)
             ]  # fmt: skip
             time.sleep(2.0)  # let them start and migrate (a no-op) before the clock runs
             time.sleep(1.1)  # pg_stat_database is flushed about once a second
             commits_before = int(_scalar(url, "bench_xact_commits"))
+            requests0 = _sandbox_requests(sandbox_url)
+            counting = count_statements(url)
             cpu0 = _cpu_sample(procs, sandbox)
-            if not backlog:
+            if backlog:
+                _scalar(url, "bench_saga_release")
+            else:
                 _place_all(url, main_carts)
             polls = _wait_settled(url, timeout_s=600)
             cpu1 = _cpu_sample(procs, sandbox)
+            calls_per_saga = (_sandbox_requests(sandbox_url) - requests0) / total
+            statements = statements_since_reset(url, total) if counting else {}
             peak_calls = httpx.get(f"{sandbox_url}/_sandbox/health").json()["peak_calls_in_flight"]
             span = "bench_saga_span_from_claim" if backlog else "bench_saga_span"
             elapsed = float(str(_scalar(url, span)))  # numeric from EXTRACT
@@ -236,6 +252,9 @@ def run(
                     by_step.setdefault(str(r["step"]), []).append(float(str(r["ms"])))
                 pickups = [ms for step_ms in by_step.values() for ms in step_ms]
             worker_rss = [peak_rss_mb(proc.pid) for proc in procs]
+            # The clients' own share, the same calls in this process (the workers are idle now).
+            httpx.post(f"{sandbox_url}/_sandbox/faults", json={"rules": []}).raise_for_status()
+            clients = measure_clients(sandbox_url, 500, in_flight=min(concurrency, 64))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -261,12 +280,33 @@ def run(
         "provider_latency_ms": latency_ms,
         "backlog_first": backlog,
         "concurrency": concurrency,
+        "worker_checkout": str(worker_checkout or CHECKOUT),
         "sandbox_peak_concurrent_calls": peak_calls,
         # CPU per saga while the main batch drained (placing orders included in Postgres's)
         "worker_cpu_ms_per_saga": _ms_per(cpu0[0], cpu1[0], total),
         "postgres_cpu_ms_per_saga": _ms_per(cpu0[1], cpu1[1], total),
         "sandbox_cpu_ms_per_saga": _ms_per(cpu0[2], cpu1[2], total),
+        "provider_calls_per_saga": round(calls_per_saga, 2),
+        # pg_stat_statements where the server preloads it (placing the orders included,
+        # unless --backlog-first; the bench's own polls, ten a second, too)
+        "statements_per_saga": statements.get("statements_per_unit"),
+        "begin_commit_per_saga": statements.get("transaction_controls_per_unit"),
+        "top_statements": statements.get("top_statements"),
+        "client_cpu_ms_per_call_async": clients["mean_async_cpu_ms_per_call"],
+        "client_cpu_ms_per_call_blocking": clients["mean_blocking_cpu_ms_per_call"],
+        **{k: v for k, v in clients.items() if k.endswith("_async_cpu_ms")},
     }
+    worker_ms = result["worker_cpu_ms_per_saga"]
+    client_ms = calls_per_saga * clients["mean_async_cpu_ms_per_call"]
+    result["client_cpu_ms_per_saga"] = round(client_ms, 2)
+    result["worker_cpu_ms_per_saga_without_clients"] = (
+        round(worker_ms - client_ms, 2) if worker_ms is not None else None
+    )
+    for top in result["top_statements"] or []:
+        print(
+            f"postgres: {top['total_ms']:>9} ms {top['calls_per_unit']:>6} per saga"
+            f" {top['mean_ms']:>7} ms each  {top['query']}"
+        )
     print(
         f"{total} sagas with {workers} worker(s) x {concurrency}: {sagas_per_s:.1f} sagas/s;"
         f" pickup p50 {result['pickup_p50_ms']} ms, p99 {result['pickup_p99_ms']} ms"
@@ -284,12 +324,29 @@ def main(
     preload: int = 0,
     latency_ms: float = 0.0,
     backlog: bool = False,
+    worker_checkout: Path | None = None,
+    peers: bool = False,
 ) -> int:
-    result = run(orders, workers, concurrency, pgbench_s, preload, latency_ms, backlog)
+    result = run(
+        orders, workers, concurrency, pgbench_s, preload, latency_ms, backlog, worker_checkout
+    )
+    if peers:  # the moonshot: as many DBOS workflows of four no-op steps, on the same server
+        from bench.peers import dbos_workflows
+
+        peer = dbos_workflows(result["orders"])
+        result["dbos_workflows_per_s"] = peer["workflows_per_s"]
+        result["ratio_to_dbos"] = round(result["sagas_per_s"] / peer["workflows_per_s"], 3)
+        print(
+            f"DBOS {peer['dbos_version']}: {peer['workflows']} workflows of 4 no-op steps,"
+            f" {peer['workflows_per_s']} workflows/s; our sagas {result['ratio_to_dbos']}x that"
+        )
     print(
         f"provider latency {latency_ms:g} ms: sandbox saw at most"
         f" {result['sandbox_peak_concurrent_calls']} calls at once; CPU per saga: worker"
-        f" {result['worker_cpu_ms_per_saga']} ms, Postgres {result['postgres_cpu_ms_per_saga']} ms,"
+        f" {result['worker_cpu_ms_per_saga']} ms"
+        f" ({result['worker_cpu_ms_per_saga_without_clients']} ms without the clients'"
+        f" {result['client_cpu_ms_per_saga']} ms for {result['provider_calls_per_saga']} calls),"
+        f" Postgres {result['postgres_cpu_ms_per_saga']} ms,"
         f" sandbox {result['sandbox_cpu_ms_per_saga']} ms"
     )
     emit(result)

@@ -188,7 +188,8 @@ class Worker:
         finally:
             with self._lock:
                 self._inflight.pop(row.id, None)
-            self._signal()
+            if not self.asyncio_steps:  # a thread is free: claim for it (the loop's own below)
+                self._signal()
 
     def _commit_alone(self, row: ClaimedRow, outcome: StepOutcome, started: float) -> str:
         with self.pool.connection() as conn:
@@ -297,6 +298,16 @@ class Worker:
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         self._committer = Committer(self.pool, self.config)
         tasks: set[asyncio.Task[str]] = set()
+
+        def finished(task: asyncio.Task[str]) -> None:
+            # A freed slot matters only to a loop waiting at capacity; new rows wake
+            # it through NOTIFY.  (A claim per finished row was most of the claims,
+            # each a round trip and a plan, nearly all of them empty.)
+            full = len(tasks) >= self.concurrency
+            tasks.discard(task)
+            if full and self._loop_wake is not None:
+                self._loop_wake.set()
+
         try:
             while not self.stop.is_set():
                 if time.monotonic() - self._last_housekeeping > self.housekeeping_s:
@@ -310,7 +321,7 @@ class Worker:
                     for row in rows:
                         task = asyncio.create_task(run_bridged(self._process, row))
                         tasks.add(task)
-                        task.add_done_callback(tasks.discard)
+                        task.add_done_callback(finished)
                 if not rows or len(tasks) >= self.concurrency:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._loop_wake.wait(), self.poll_s)
@@ -325,6 +336,9 @@ class Worker:
             self._loop = self._loop_wake = None
             committer, self._committer = self._committer, None
             await asyncio.to_thread(committer.close)
+            aclose = getattr(self.providers, "aclose", None)  # test doubles may have none
+            if aclose is not None:
+                await aclose()
         log.info("worker stopped", extra={"outcome": "stopped"})
 
     def _release_ids(self, ids: list[int]) -> None:
