@@ -171,9 +171,11 @@ INSERT INTO outbox (order_id, step, idempotency_key, available_at)
 SELECT id, 'ship_order', id || ':ship_order', now() + interval '1 hour' FROM paid;
 
 -- bench_dispatch_release --
--- Make every seeded ship_order row ready at once (the clock starts here)
-UPDATE outbox SET available_at = now()
- WHERE step = 'ship_order' AND status = 'pending' AND order_id NOT LIKE 'K%%';  -- not the backlog
+-- Make every seeded ship_order row ready at once, and the backlog (if any) ready and due before them, in its order (the clock starts here)
+UPDATE outbox
+   SET available_at = CASE WHEN order_id LIKE 'K%%' THEN available_at - interval '3 hours'
+                           ELSE now() END
+ WHERE status = 'pending' AND (step = 'ship_order' OR order_id LIKE 'K%%');
 
 -- bench_seed_dead_letters --
 -- Park the n first synthetic confirmed orders in needs_attention, each with a dead send_confirmation row
@@ -198,7 +200,7 @@ SELECT id, user_id, idempotency_key
  LIMIT 1 OFFSET %(offset)s;
 
 -- bench_seed_backlog --
--- A ready backlog of n orders for bench dispatch: half paid with a ship_order row, half shipped with a send_confirmation row (the drain's own mix), due before the measured rows
+-- A backlog of n orders for bench dispatch: half paid with a ship_order row, half shipped with a send_confirmation row (the drain's own mix), held until bench_dispatch_release makes it due before the measured rows
 WITH made AS (
     INSERT INTO orders (id, user_id, state, total_cents, currency, payment_method_id,
                         shipping_address, idempotency_key)
@@ -211,7 +213,7 @@ WITH made AS (
 )
 INSERT INTO outbox (order_id, step, idempotency_key, available_at)
 SELECT id, s.step, id || ':' || s.step,
-       now() - interval '2 hours' + (substr(id, 2)::bigint * interval '1 millisecond')
+       now() + interval '1 hour' + (substr(id, 2)::bigint * interval '1 millisecond')
   FROM made
   CROSS JOIN LATERAL (SELECT CASE WHEN made.state = 'paid' THEN 'ship_order'
                                   ELSE 'send_confirmation' END AS step) s;
@@ -263,3 +265,9 @@ SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query, calls,
  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
  ORDER BY total_exec_time DESC
  LIMIT %(n)s;
+
+-- bench_first_claims --
+-- When each order's first row (charge_payment) was first claimed, as epoch seconds
+SELECT order_id, EXTRACT(EPOCH FROM claimed_at) AS claimed_epoch
+  FROM outbox
+ WHERE step = 'charge_payment' AND order_id = ANY(%(ids)s) AND claimed_at IS NOT NULL;

@@ -151,7 +151,7 @@ def run(
             seed(url, preload)
         with connect(url) as conn:
             mark = conn.execute(QUERIES["bench_max_outbox_id"]).fetchone()["id"]  # type: ignore[index]
-        if backlog:  # ready rows due before the measured ones, drained in the same mix
+        if backlog:  # rows due before the measured ones once released, drained in the same mix
             with connect(url) as conn:
                 conn.execute(QUERIES["bench_seed_backlog"], {"n": backlog})
                 conn.execute("VACUUM ANALYZE outbox")

@@ -119,11 +119,17 @@ UPDATE outbox
 RETURNING id;
 
 -- extend_leases --
--- Heartbeat: keep our in-flight rows leased while their calls run
-UPDATE outbox
+-- Heartbeat: keep our in-flight rows leased while their calls run; a row locked right now is skipped (a commit is finishing it, or its next heartbeat comes in lease_s / 3), so the heartbeat never queues behind the committers, nor they behind it
+WITH mine AS (
+    SELECT id FROM outbox
+     WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND lease_owner = %(owner)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox o
    SET lease_until = now() + make_interval(secs => %(lease_s)s)
- WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND lease_owner = %(owner)s
-RETURNING id;
+  FROM mine
+ WHERE o.id = mine.id
+RETURNING o.id;
 
 -- redrive_outbox_row --
 -- Operator: a dead row goes back to pending with a fresh attempt budget (what it learned, keys and unknown outcomes included, stays)

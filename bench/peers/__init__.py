@@ -18,10 +18,13 @@ PEERS = ["pgqueuer[psycopg,asyncpg]==1.6.0", "dbos==3.4.0"]
 
 def peer_python() -> Path:
     python = PEERS_VENV / "bin" / "python"
-    if not python.exists():
+    stamp = PEERS_VENV / "installed.txt"  # what it holds: made again when PEERS changes
+    wanted = "\n".join(PEERS)
+    if not stamp.exists() or stamp.read_text() != wanted:
         print(f"bench: making {PEERS_VENV} with {', '.join(PEERS)} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
+        stamp.write_text(wanted)
     return python
 
 
