@@ -133,3 +133,12 @@ def statements_since_reset(url: str, per: int, top: int = 5) -> dict[str, Any]:
             for r in rows
         ],
     }  # fmt: skip
+
+
+def print_top_statements(tops: list[dict[str, Any]] | None, unit: str) -> None:
+    """One line per statement of statements_since_reset's top: server time, calls per unit."""
+    for top in tops or []:
+        print(
+            f"postgres: {top['total_ms']:>9} ms {top['calls_per_unit']:>6} per {unit}"
+            f" {top['mean_ms']:>7} ms each  {top['query']}"
+        )

@@ -26,6 +26,7 @@ from bench.common import (
     cpu_seconds,
     emit,
     peak_rss_mb,
+    print_top_statements,
     scratch_database,
     statements_since_reset,
 )
@@ -232,11 +233,7 @@ def main(
         f" CPU per row: worker {result['worker_cpu_ms_per_row']} ms, the rest (Postgres)"
         f" {result['other_cpu_ms_per_row']} ms"
     )
-    for top in result["top_statements"] or []:
-        print(
-            f"postgres: {top['total_ms']:>9} ms {top['calls_per_unit']:>6} per row"
-            f" {top['mean_ms']:>7} ms each  {top['query']}"
-        )
+    print_top_statements(result["top_statements"], "row")
     if peers:  # the same number of jobs through pgqueuer, right after, on the same server
         from bench.peers import pgqueuer_drain
 

@@ -32,6 +32,7 @@ from bench.common import (
     pct_ms,
     peak_rss_mb,
     postgres_cpu_seconds,
+    print_top_statements,
     scratch_database,
     statements_since_reset,
 )
@@ -160,8 +161,10 @@ def _cpu_sample(
     return [cpu_seconds(p.pid) for p in procs], [postgres_cpu_seconds()], [cpu_seconds(sandbox.pid)]
 
 
-def _sandbox_requests(sandbox_url: str) -> int:
-    return int(httpx.get(f"{sandbox_url}/_sandbox/health").json()["requests"])
+def _sandbox_health(sandbox_url: str) -> dict[str, Any]:
+    """The sandbox's counters: requests served, calls in flight now and at most."""
+    health: dict[str, Any] = httpx.get(f"{sandbox_url}/_sandbox/health").json()
+    return health
 
 
 def _ms_per(before: list[float | None], after: list[float | None], n: int) -> float | None:
@@ -237,7 +240,7 @@ def run(
             time.sleep(2.0)  # let them start and migrate (a no-op) before the clock runs
             time.sleep(1.1)  # pg_stat_database is flushed about once a second
             commits_before = int(_scalar(url, "bench_xact_commits"))
-            requests0 = _sandbox_requests(sandbox_url)
+            requests0 = int(_sandbox_health(sandbox_url)["requests"])
             counting = count_statements(url)
             cpu0 = _cpu_sample(procs, sandbox)
             if backlog:
@@ -246,9 +249,10 @@ def run(
                 _place_all(url, main_carts)
             polls = _wait_settled(url, timeout_s=600)
             cpu1 = _cpu_sample(procs, sandbox)
-            calls_per_saga = (_sandbox_requests(sandbox_url) - requests0) / total
+            health = _sandbox_health(sandbox_url)
+            calls_per_saga = (int(health["requests"]) - requests0) / total
             statements = statements_since_reset(url, total) if counting else {}
-            peak_calls = httpx.get(f"{sandbox_url}/_sandbox/health").json()["peak_calls_in_flight"]
+            peak_calls = health["peak_calls_in_flight"]
             span = "bench_saga_span_from_claim" if backlog else "bench_saga_span"
             elapsed = float(str(_scalar(url, span)))  # numeric from EXTRACT
             sagas_per_s = total / elapsed if elapsed else 0.0
@@ -325,11 +329,7 @@ def run(
     result["worker_cpu_ms_per_saga_without_clients"] = (
         round(worker_ms - client_ms, 2) if worker_ms is not None else None
     )
-    for top in result["top_statements"] or []:
-        print(
-            f"postgres: {top['total_ms']:>9} ms {top['calls_per_unit']:>6} per saga"
-            f" {top['mean_ms']:>7} ms each  {top['query']}"
-        )
+    print_top_statements(result["top_statements"], "saga")
     print(
         f"{total} sagas with {workers} worker(s) x {concurrency}: {sagas_per_s:.1f} sagas/s;"
         f" pickup p50 {result['pickup_p50_ms']} ms, p99 {result['pickup_p99_ms']} ms"
