@@ -342,10 +342,20 @@ payment_intents = Table(
     Column("last_error_code", Text),
     _ts("created_at", nullable=False, default_now=True),
     _ts("updated_at", nullable=False, default_now=True),
+    # Capture at shipment: when the hold was placed, and by when Stripe says to
+    # capture it (the charge's payment_method_details.card.capture_before).
+    _ts("held_at"),
+    _ts("capture_before"),
     CheckConstraint(_in_list("status", INTENT_STATUSES), name="status_known"),
     CheckConstraint("amount_cents > 0", name="amount_positive"),
     CheckConstraint(
         "amount_received_cents >= 0 AND amount_capturable_cents >= 0", name="amounts_nonnegative"
+    ),
+    # The worker's sweep of holds near their capture deadline reads only these.
+    Index(
+        "ix_payment_intents_held",
+        "capture_before",
+        postgresql_where=text("status = 'requires_capture'"),
     ),
 )
 

@@ -312,6 +312,22 @@ def cmd_outbox_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_order_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from orderflow.services.service import NotCancellable, NotFound, cancel_order
+
+    with _connect_migrated(settings) as conn:
+        try:
+            result = cancel_order(conn, order_id=args.id, user_id=None)
+        except NotFound:
+            print(f"orderflow order cancel: no order {args.id}", file=sys.stderr)
+            return 2
+        except NotCancellable as exc:
+            print(f"orderflow order cancel: {exc}", file=sys.stderr)
+            return 2
+    print(f"{result['id']} {result['state']}")
+    return 0
+
+
 PRELOAD_HELP = "first load this many finished orders with their history (flat-cost runs)"
 
 
@@ -505,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = outbox_sub.add_parser("retry", help="re-drive a dead letter")
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_outbox_retry)
+
+    p = sub.add_parser("order", help="act on an order as an operator")
+    order_sub = p.add_subparsers(dest="order_command", required=True)
+    p = order_sub.add_parser(
+        "cancel", help="cancel an order before it ships (reason operator_cancelled)"
+    )
+    p.add_argument("id", help="the order's id")
+    p.set_defaults(func=cmd_order_cancel)
 
     p = sub.add_parser("report", help="print the reporting views")
     p.add_argument("name", nargs="?", help="one view (default: all)")

@@ -17,7 +17,7 @@ from orderflow.services.orders import (
     OutOfStock,
     UnknownSku,
 )
-from orderflow.services.service import InvalidState, NotFound, ValidationFailed
+from orderflow.services.service import InvalidState, NotCancellable, NotFound, ValidationFailed
 from orderflow.statemachine.errors import IllegalTransition, OrderNotFound
 
 
@@ -79,6 +79,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(409, "out_of_stock", "some items are out of stock", {"skus": exc.skus})
     if isinstance(exc, CartAlreadyOrdered):
         return ApiError(409, "cart_already_ordered", str(exc))
+    if isinstance(exc, NotCancellable):
+        return ApiError(409, "not_cancellable", str(exc), {"state": exc.state, "return": True})
     if isinstance(exc, InvalidState):
         return ApiError(409, "invalid_state", str(exc), {"state": exc.state})
     if isinstance(exc, IllegalTransition):

@@ -251,6 +251,26 @@ async def request_return(request: Request) -> Response:
     return await _idempotent(request, principal, key, payload, 202, produce)
 
 
+async def cancel_order(request: Request) -> Response:
+    principal = _principal(request)
+    order_id = _path_id(request, "order_id")
+    key = idempotency_key(request)
+
+    def produce(conn: Any) -> dict[str, Any]:
+        return service.cancel_order(
+            conn, order_id=order_id, user_id=principal.user_id, idempotency_key=key
+        )
+
+    # No body: the request is the order and the key.
+    return await _idempotent(request, principal, key, {}, 202, produce)
+
+
+async def admin_cancel_order(request: Request) -> Response:
+    _principal(request, admin=True)
+    order_id = _path_id(request, "order_id")
+    return render(202, await _db(request, service.cancel_order, order_id=order_id, user_id=None))
+
+
 async def receive_return(request: Request) -> Response:
     _principal(request, admin=True)
     order_id = _path_id(request, "order_id")
@@ -482,6 +502,41 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         body=schemas.ReturnIn,
         idempotent=True,
+    ),
+    Operation(
+        "POST",
+        "/v1/orders/{order_id}/cancel",
+        cancel_order,
+        "cancelOrder",
+        "Cancel one of the caller's orders before it ships: the hold is released (or a"
+        " capture refunded) and the stock put back, newest first",
+        {
+            202: (schemas.Order, "The cancel was accepted: the order is being undone"),
+            404: (E, "No such order of the caller's"),
+            409: (
+                E,
+                "`not_cancellable`: the order has shipped (a return is the way); or the key"
+                " is in use",
+            ),
+            **AUTH_ERRORS,
+            **{k: v for k, v in IDEMPOTENCY_ERRORS.items() if k != 409},
+        },
+        idempotent=True,
+    ),
+    Operation(
+        "POST",
+        "/v1/admin/orders/{order_id}/cancel",
+        admin_cancel_order,
+        "adminCancelOrder",
+        "Cancel an order before it ships, as an operator (admin token; reason operator_cancelled)",
+        {
+            202: (schemas.OrderStateChange, "The cancel was accepted"),
+            403: (E, "Not an admin token"),
+            404: (E, "No such order"),
+            409: (E, "`not_cancellable`: the order has shipped"),
+            **AUTH_ERRORS,
+        },
+        tags=("admin",),
     ),
     Operation(
         "POST",

@@ -3,7 +3,7 @@ the OpenAPI document's schemas are generated from the same models."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -141,6 +141,16 @@ class PaymentRef(BaseModel):
     status: str = Field(description="The PaymentIntent's last known Stripe status")
     amount_cents: int | None = None
     amount_received_cents: int | None = None
+    funds: Literal["none", "held", "captured", "released"] | None = Field(
+        None,
+        description="Capture at shipment: `held` (authorized at checkout), `captured` (taken"
+        " at shipment, or at once), `released` (the hold cancelled: no money moved)",
+    )
+    held_cents: int | None = Field(None, description="Money held and not yet captured")
+    captured_cents: int | None = Field(None, description="Money taken")
+    capture_before: str | None = Field(
+        None, description="While held: Stripe's deadline for capturing the hold"
+    )
     client_secret: str | None = Field(
         None,
         description="While the customer must act (3-D Secure): for Stripe.js handleNextAction",

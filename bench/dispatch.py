@@ -52,6 +52,9 @@ class _NoopStripe:
     def cancel_intent(self, intent_id: str, key: str) -> Reply:
         return Ok({"id": intent_id, "status": "canceled", "amount": 1})
 
+    def capture_intent(self, intent_id: str, key: str) -> Reply:
+        return Ok({"id": intent_id, "status": "succeeded", "amount": 1, "amount_received": 1})
+
     def search_intents(self, order_id: str) -> Reply:
         return Ok({"data": []})
 

@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationError
@@ -351,6 +351,25 @@ class Settings(BaseSettings):
         gt=0,
         shown="1209600 (14 days)",
         bad=("0", "2w"),
+    )
+    capture: Literal["at_shipment", "immediate"] = _field(
+        "at_shipment",
+        "ORDERFLOW_CAPTURE",
+        "when a card payment's money is taken: `at_shipment` holds it at checkout"
+        " (`capture_method=manual`) and captures it once the carrier has the shipment;"
+        " `immediate` takes it at once (other payment methods always do)",
+        shown="`at_shipment`",
+        bad=("later", "manual"),
+    )
+    hold_margin_s: int = _field(
+        24 * 3600,
+        "ORDERFLOW_HOLD_MARGIN_S",
+        "how long before a hold's `capture_before` the worker acts on it: a shipped"
+        " order's hold is captured, an unshipped one goes to `needs_attention`",
+        ge=0,
+        le=6 * 24 * 3600,
+        shown="86400 (24 h)",
+        bad=("-1", "a day", "1000000"),
     )
     # ---- the worker
     backoff_scale: float = _field(

@@ -207,7 +207,16 @@ class StripeApi:
         )  # fmt: skip
 
     def retrieve_intent(self, intent_id: str) -> Reply:
-        return self._call("payment_intents", "retrieve", intent_id)
+        # The charge says by when a hold must be captured (capture_before).
+        return self._call(
+            "payment_intents", "retrieve", intent_id, params={"expand": ["latest_charge"]}
+        )
+
+    def capture_intent(self, intent_id: str, key: str) -> Reply:
+        return self._call(
+            "payment_intents", "capture", intent_id, params={"expand": ["latest_charge"]},
+            options={"idempotency_key": key},
+        )  # fmt: skip
 
     def cancel_intent(self, intent_id: str, key: str) -> Reply:
         return self._call(

@@ -50,6 +50,7 @@ from orderflow.outbox_worker.outcomes import StepOutcome
 from orderflow.outbox_worker.steps import ProviderCalls, StepSettings
 from orderflow.sql import QUERIES
 from orderflow.sql.reports import refresh
+from orderflow.statemachine.definition import OrderState
 from orderflow.statemachine.engine import advance
 from orderflow.statemachine.errors import IllegalTransition
 
@@ -132,8 +133,10 @@ class Worker:
     # ------------------------------------------------------------ one pass
 
     def run_once(self) -> int:
-        """Expire due reservations, then claim and process every ready row once."""
+        """Expire due reservations, act on holds near expiry, then claim and process
+        every ready row once."""
         self.expire_reservations()
+        self.act_on_expiring_holds()
         with self.pool.connection() as conn:
             rows = claim(conn, self.config, self.concurrency)
         if not rows:
@@ -242,8 +245,32 @@ class Worker:
                 if len(ids) < limit:
                     return expired
 
+    def act_on_expiring_holds(self, limit: int = 100) -> int:
+        """A card hold close to its capture_before is never left to lapse: a shipped
+        order's capture is made due now; an order not shipped yet goes to an
+        operator (`hold_expiring`), who re-drives or cancels it."""
+        acted = 0
+        margin_s = self.config.steps.hold_margin_s
+        with (
+            self.pool.connection() as conn,
+            conn.cursor(row_factory=dict_row) as cur,
+            conn.transaction(),
+        ):
+            cur.execute(QUERIES["holds_near_expiry"], {"margin_s": margin_s, "limit": limit})
+            for row in cur.fetchall():
+                if row["state"] == OrderState.SHIPPED:
+                    hurried = conn.execute(QUERIES["hurry_capture"], {"order_id": row["id"]})
+                    acted += len(hurried.fetchall())
+                    continue
+                detail = {"capture_before": row["capture_before"].isoformat()}
+                with contextlib.suppress(IllegalTransition):
+                    advance(conn, row["id"], "hold_expiring", detail)
+                    acted += 1
+        return acted
+
     def housekeeping(self) -> None:
         self.expire_reservations()
+        self.act_on_expiring_holds()
         with self.pool.connection() as conn:
             conn.execute(
                 QUERIES["purge_idempotency_keys"],

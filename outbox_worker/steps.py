@@ -54,6 +54,7 @@ class StripeCalls(Protocol):
     def confirm_intent(self, intent_id: str, params: Mapping[str, Any], key: str) -> Reply: ...
     def retrieve_intent(self, intent_id: str) -> Reply: ...
     def cancel_intent(self, intent_id: str, key: str) -> Reply: ...
+    def capture_intent(self, intent_id: str, key: str) -> Reply: ...
     def search_intents(self, order_id: str) -> Reply: ...
     def list_intents(self, created_gte: int, starting_after: str | None = None) -> Reply: ...
     def create_refund(self, params: Mapping[str, Any], key: str) -> Reply: ...
@@ -94,6 +95,11 @@ class StepSettings:
     list_pages: int = 20  # how far a list may page to prove a PaymentIntent absent
 
     processing_hold_s: int = 14 * 24 * 3600  # a processing bank debit keeps the stock held
+    # ORDERFLOW_CAPTURE: `at_shipment` holds a card payment (manual capture) and
+    # takes it once the shipment exists; `immediate` takes it at confirmation.
+    capture: str = "at_shipment"
+    # How long before a hold's capture_before the worker acts on it.
+    hold_margin_s: int = 24 * 3600
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StepSettings:
@@ -102,6 +108,8 @@ class StepSettings:
             payment_method_types=settings.payment_method_type_list,
             return_url=settings.payment_return_url,
             processing_hold_s=settings.processing_hold_s,
+            capture=settings.capture,
+            hold_margin_s=settings.hold_margin_s,
         )
 
 
@@ -239,6 +247,8 @@ class Step:
             "refund_id",
             "tracking_number",
             "captured",
+            "held_cents",
+            "captured_cents",
             "voided",
             "note",
         ):
@@ -411,6 +421,9 @@ class ChargePayment(_PaymentStep):
             "payment_method_types": list(c.settings.payment_method_types),
             "metadata": {"order_id": c.order_id},
         }
+        if c.settings.capture == "at_shipment":
+            # Cards are held until the parcel ships; other methods capture at once.
+            params["payment_method_options"] = {"card": {"capture_method": "manual"}}
         reply = c.providers.stripe.create_intent(params, c.key(CREATE))
         intent = _intent(reply)
         if intent is not None:
@@ -430,7 +443,8 @@ class ChargePayment(_PaymentStep):
         return not_an_answer(c, reply, CREATE)
 
     def _confirm(self, c: StepCall, intent_id: str) -> StepOutcome:
-        params: dict[str, Any] = {}
+        # The charge says by when a hold must be captured (capture_before).
+        params: dict[str, Any] = {"expand": ["latest_charge"]}
         if c.settings.return_url:
             params["return_url"] = c.settings.return_url
         mandate = c.order.get("payment_mandate")
@@ -557,8 +571,8 @@ class AwaitPayment(_PaymentStep):
             # an answer we cannot read, a bad key: counted, then a person
             return no_object(c, reply, "retrieve", "PaymentIntent")
         facts = intent_facts(intent)
-        if intent.captured:
-            return StepOutcome(Kind.DONE, "payment_captured", facts)
+        if intent.captured or intent.held:
+            return StepOutcome(Kind.DONE, intent.event(), facts)
         if intent.event() == "payment_failed":
             return StepOutcome(Kind.FAILED, None, facts, error=f"payment {intent.status}")
         changed = intent.status != c.order.get("intent_status")
@@ -567,6 +581,78 @@ class AwaitPayment(_PaymentStep):
     def record(self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome) -> None:
         if IntentView.from_facts(outcome.facts) is not None:
             _record_payment(conn, c, outcome)
+
+
+# ---------------------------------------------------------------- capture_payment
+
+
+class CapturePayment(_PaymentStep):
+    """Capture at shipment: take the held funds once the carrier has the shipment.
+
+    The capture is sent under the row's key `{order_id}:capture_payment`: Stripe
+    replays its stored answer for a repeat, and a PaymentIntent is captured at
+    most once, so no replay can take the money twice.  A lost answer is settled
+    by retrieving the intent by id (strongly consistent).  An intent that is no
+    longer held and not captured (the hold expired or was cancelled at Stripe)
+    fails the capture at once: the shipment is cancelled, the stock released."""
+
+    name = "capture_payment"
+
+    def run(self, c: StepCall) -> StepOutcome:
+        intent_id = c.order.get("payment_intent_id")
+        if not intent_id:
+            return StepOutcome.operator("no PaymentIntent recorded for a held payment")
+        stripe = c.providers.stripe
+        if c.unsettled or c.settle:
+            reply = stripe.retrieve_intent(intent_id)
+            intent = _intent(reply)
+            if intent is None:
+                return no_object(c, reply, "retrieve", "PaymentIntent")
+            if not intent.held or c.settle:
+                return self._report(c, intent)
+            if c.ended() or c.key_expired():
+                c.memory.update(c.next_key())
+            # else: the earlier capture may still run; replay its key
+        reply = stripe.capture_intent(intent_id, c.key())
+        intent = _intent(reply)
+        if intent is not None:
+            return self._report(c, intent)
+        if isinstance(reply, Refused):
+            embedded = IntentView.parse(reply.body.get("payment_intent"))
+            if embedded is not None and not embedded.held:
+                return self._report(c, embedded)  # captured already, or the hold is gone
+            code = reply.body.get("decline_code") or reply.code
+            return StepOutcome.failed(f"capture refused ({reply.status} {code}): {reply.message}")
+        if isinstance(reply, Ok | Unknown):
+            unknown = reply if isinstance(reply, Unknown) else unreadable("unreadable")
+            look = _intent(stripe.retrieve_intent(intent_id))
+            if look is not None and not look.held:
+                return self._report(c, look)
+            if look is not None and unknown.ended:
+                # Over, and the funds are still held: nothing was captured.
+                return StepOutcome.proven_absent(unknown.reason, **c.next_key())
+            return c.unknown(unknown)
+        return not_an_answer(c, reply)
+
+    def _report(self, c: StepCall, intent: IntentView) -> StepOutcome:
+        facts = intent_facts(intent)
+        if intent.captured:
+            return StepOutcome(Kind.DONE, "payment_captured", facts)
+        if c.settle:
+            return settled_nothing(f"not captured: the PaymentIntent is {intent.status}", **facts)
+        if intent.held:
+            return c.unknown(unreadable("the PaymentIntent is still held"))
+        # canceled (the hold expired or was released), or anything else that is
+        # not money taken: the capture failed for good.
+        return StepOutcome(
+            Kind.FAILED,
+            None,
+            facts,
+            error=f"capture failed: the PaymentIntent is {intent.status}",
+        )
+
+    def record(self, conn: psycopg.Connection[Any], c: RecordCall, outcome: StepOutcome) -> None:
+        _record_payment(conn, c, outcome)
 
 
 # ---------------------------------------------------------------- refunds
@@ -979,6 +1065,7 @@ STEP_IMPLEMENTATIONS: dict[str, Step] = {
         ChargePayment(),
         AwaitPayment(),
         ShipOrder(),
+        CapturePayment(),
         SendConfirmation(),
         CreateReturnLabel(),
         RefundReturn(),

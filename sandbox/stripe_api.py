@@ -176,6 +176,34 @@ def _method_types(params: JSON) -> list[str]:
     return [str(v) for v in values]
 
 
+def _method_options(params: JSON) -> JSON:
+    """`payment_method_options[card][capture_method]`: manual capture for cards only
+    (Stripe: it overrides the top-level capture_method for that method type)."""
+    raw = params.get("payment_method_options")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise invalid("payment_method_options", "Invalid payment_method_options: an object")
+    card = raw.get("card")
+    if card is None:
+        return {}
+    if not isinstance(card, dict):
+        raise invalid("payment_method_options[card]", "Invalid payment_method_options[card]")
+    capture = card.get("capture_method")
+    if capture not in (None, "manual", ""):
+        raise invalid(
+            "payment_method_options[card][capture_method]",
+            f"Invalid payment_method_options[card][capture_method]: must be manual ({capture})",
+        )
+    return {"card": {"capture_method": capture or None}}
+
+
+def _card_capture(d: JSON) -> str:
+    """The capture method a card payment of this intent uses."""
+    card = (d.get("payment_method_options") or {}).get("card") or {}
+    return str(card.get("capture_method") or d["capture_method"])
+
+
 def _check_mandate(method: str, params: JSON) -> None:
     """A bank debit confirmed by the server needs the customer's acceptance of the
     debit mandate (Stripe: mandate_data[customer_acceptance]); a card does not."""
@@ -352,7 +380,7 @@ def _new_charge(world: World, intent: Intent, status: str) -> Charge:
             "livemode": False,
         },
         created_at=now,
-        manual=d["capture_method"] == "manual" and details["type"] == "card",
+        manual=details["type"] == "card" and _card_capture(d) == "manual",
     )
     world.charges[charge.data["id"]] = charge
     d["latest_charge"] = charge.data["id"]
@@ -542,6 +570,7 @@ def _new_intent(world: World, params: JSON) -> tuple[Intent, str | None, bool, s
         raise invalid("currency", f"Invalid currency: {currency}")
     types = _method_types(params)
     capture = _choice(params, "capture_method", CAPTURE_METHODS, "automatic")
+    options = _method_options(params)
     method = _str(params, "payment_method")
     confirm = _bool(params, "confirm")
     metadata = _metadata(params)
@@ -567,6 +596,7 @@ def _new_intent(world: World, params: JSON) -> tuple[Intent, str | None, bool, s
             "payment_method": method,
             "payment_method_types": types,
             "capture_method": capture,
+            "payment_method_options": options,
             "confirmation_method": "automatic",
             "metadata": metadata,
             "client_secret": f"{intent_id}_secret_{new_id('x')[2:26]}",

@@ -19,9 +19,11 @@ from orderflow.statemachine.machine import Outcome
 
 # Stripe's PaymentIntent statuses and what each means for the order.
 CAPTURED = frozenset({"succeeded"})
-WAITING = frozenset({"requires_action", "processing", "requires_capture", "requires_confirmation"})
+# Capture at shipment: the card's funds are held until we capture them.
+HELD = frozenset({"requires_capture"})
+WAITING = frozenset({"requires_action", "processing", "requires_confirmation"})
 FAILED = frozenset({"requires_payment_method", "canceled"})
-KNOWN_STATUSES = CAPTURED | WAITING | FAILED
+KNOWN_STATUSES = CAPTURED | HELD | WAITING | FAILED
 
 
 class IntentMismatch(Exception):
@@ -42,6 +44,10 @@ class IntentView:
     next_action: dict[str, Any] | None
     error_code: str | None
     order_id: str | None  # metadata.order_id
+    # A held card payment must be captured before this (epoch seconds): the
+    # charge's payment_method_details.card.capture_before, when the charge was
+    # expanded (`latest_charge`).
+    capture_before: int | None = None
 
     @classmethod
     def parse(cls, obj: Any) -> IntentView | None:
@@ -57,6 +63,7 @@ class IntentView:
         metadata = metadata if isinstance(metadata, Mapping) else {}
         next_action = obj.get("next_action")
         return cls(
+            capture_before=_capture_before(obj.get("latest_charge")),
             id=intent_id,
             status=str(status),
             amount=_int_or_none(obj.get("amount")),
@@ -75,10 +82,16 @@ class IntentView:
     def captured(self) -> bool:
         return self.status in CAPTURED
 
+    @property
+    def held(self) -> bool:
+        return self.status in HELD
+
     def event(self) -> str:
         """The saga event this status means."""
         if self.status in CAPTURED:
             return "payment_captured"
+        if self.status in HELD:
+            return "payment_authorized"
         if self.status in FAILED:
             return "payment_failed"
         return "payment_pending"
@@ -88,6 +101,8 @@ class IntentView:
             "payment_intent_id": self.id,
             "intent_status": self.status,
             "amount_cents": self.amount_received or self.amount,
+            "held_cents": self.amount_capturable,
+            "captured_cents": self.amount_received,
             "intent": {
                 "id": self.id,
                 "status": self.status,
@@ -98,6 +113,7 @@ class IntentView:
                 "client_secret": self.client_secret,
                 "next_action": self.next_action,
                 "error_code": self.error_code,
+                "capture_before": self.capture_before,
             },
         }
 
@@ -117,7 +133,17 @@ class IntentView:
             next_action=raw.get("next_action"),
             error_code=raw.get("error_code"),
             order_id=None,
+            capture_before=raw.get("capture_before"),
         )
+
+
+def _capture_before(charge: Any) -> int | None:
+    """From an expanded charge: when its hold must be captured by."""
+    if not isinstance(charge, Mapping):
+        return None
+    details = charge.get("payment_method_details")
+    card = details.get("card") if isinstance(details, Mapping) else None
+    return _int_or_none(card.get("capture_before")) if isinstance(card, Mapping) else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -147,6 +173,7 @@ def record_intent(
             "client_secret": intent.client_secret,
             "next_action": Jsonb(intent.next_action) if intent.next_action else None,
             "last_error_code": intent.error_code,
+            "capture_before": intent.capture_before,
         },
     ).fetchone()
     if row is None:

@@ -49,6 +49,18 @@ class InvalidState(OrderflowError):
         self.state = state
 
 
+class NotCancellable(InvalidState):
+    """The order has shipped (or is past cancelling): a return is the way."""
+
+    def __init__(self, order_id: str, state: str) -> None:
+        OrderflowError.__init__(
+            self,
+            f"order {order_id} is {state} and can no longer be cancelled; once it is"
+            f" delivered, ask for a return (POST /v1/orders/{order_id}/return)",
+        )
+        self.state = state
+
+
 @dataclass(frozen=True)
 class FieldError:
     field: str
@@ -401,6 +413,54 @@ def request_return(
                 return {"id": order_id, "state": exc.state}  # this very request, long ago
             raise InvalidState(order_id, exc.state, "a return") from exc
     return {"id": order_id, "state": outcome.dest.value}
+
+
+# ---------------------------------------------------------------- cancels
+
+# Already being undone, or undone: a cancel asks for nothing more.
+_UNDONE = (OrderState.COMPENSATING.value, OrderState.CANCELLED.value)
+
+
+def cancel_order(
+    conn: psycopg.Connection[Any],
+    *,
+    order_id: str,
+    user_id: uuid.UUID | None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The customer's cancel (`user_id` given: only the owner's order) or an
+    operator's (`user_id` None), allowed until the shipment exists: the order goes
+    to `compensating` with reason `customer_cancelled` or `operator_cancelled`, and
+    the compensations release the hold (or refund a capture) and the stock.
+
+    The order's row lock and the guarded UPDATE decide a race with the ship step:
+    exactly one wins.  If the ship step's call was in flight, compensation waits
+    for it to settle, and a shipment it created is cancelled first.  Raises
+    NotFound, or NotCancellable once the order has shipped."""
+    event = "customer_cancelled" if user_id is not None else "operator_cancelled"
+    with atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        if user_id is not None:
+            row = cur.execute(
+                QUERIES["order_owner_state"], {"order_id": order_id, "user_id": user_id}
+            ).fetchone()
+        else:
+            row = cur.execute(QUERIES["order_state_change"], {"order_id": order_id}).fetchone()
+        if row is None:
+            raise NotFound(f"order {order_id}")
+        detail: dict[str, Any] = {"reason": event}
+        if idempotency_key is not None:
+            detail["idempotency_key"] = idempotency_key
+        try:
+            advance(conn, order_id, event, detail)
+        except IllegalTransition as exc:
+            if exc.state not in _UNDONE:
+                raise NotCancellable(order_id, exc.state) from exc
+    if user_id is not None:
+        return get_order(conn, user_id=user_id, order_id=order_id)
+    with conn.cursor(row_factory=dict_row) as cur:
+        changed = cur.execute(QUERIES["order_state_change"], {"order_id": order_id}).fetchone()
+    assert changed is not None
+    return {"id": changed["id"], "state": changed["state"]}
 
 
 def receive_return(conn: psycopg.Connection[Any], *, order_id: str) -> dict[str, Any]:

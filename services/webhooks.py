@@ -15,6 +15,12 @@ What the events do:
   An order still `reserved` belongs to its charge step, which reads Stripe
   itself; an order already compensating belongs to its refund step, which
   reads Stripe before it cancels or refunds anything.
+- With capture at shipment: payment_intent.amount_capturable_updated is the
+  hold (an order awaiting payment goes to `paid`, as the poll would);
+  payment_intent.canceled for a `paid` order whose hold it was is `hold_lost`
+  (the order is undone: nothing is left to capture); charge.captured, and a
+  canceled or succeeded intent of a `shipped` order, make its pending capture
+  step due at once, so it reads the intent now.
 - charge.refunded, refund.created / .updated / .failed: the order's pending
   refund step is made due at once, so it reads the refund's status now.
 - charge.dispute.created: history and `needs_attention` for a settled order
@@ -57,6 +63,7 @@ REFUND_EVENTS = frozenset(
     }
 )
 DISPUTE_EVENTS = frozenset({"charge.dispute.created"})
+CAPTURE_EVENTS = frozenset({"charge.captured"})
 
 
 class BadEvent(ValueError):
@@ -112,6 +119,8 @@ def _apply(
         return _refund_event(conn, obj)
     if kind in DISPUTE_EVENTS:
         return _dispute_event(conn, obj)
+    if kind in CAPTURE_EVENTS:
+        return _nudge_capture(conn, _order_of_intent(conn, obj.get("payment_intent")))
     return None, "ignored: type not handled"
 
 
@@ -134,6 +143,14 @@ def _intent_event(
         # know): `orderflow reconcile` reports money on it.
         return intent.order_id, "ignored: no order recorded this PaymentIntent"
     order_id = str(known["order_id"])
+    if known["state"] == OrderState.SHIPPED and intent.status in ("canceled", "succeeded"):
+        return _nudge_capture(conn, known)
+    if (
+        known["state"] == OrderState.PAID
+        and intent.status == "canceled"
+        and known["status"] == "requires_capture"
+    ):
+        return _hold_lost(conn, order_id, intent)
     if known["state"] != OrderState.AWAITING_PAYMENT:
         return order_id, f"ignored: the order is {known['state']}"
     with conn.cursor(row_factory=dict_row) as cur:
@@ -155,6 +172,41 @@ def _intent_event(
     except (IllegalTransition, InvalidEventDetail, IntentMismatch) as exc:
         raise _Ignored(order_id, f"ignored: {exc}") from exc
     return order_id, f"applied: {event}"
+
+
+def _nudge_capture(
+    conn: psycopg.Connection[Any], known: Mapping[str, Any] | None
+) -> tuple[str | None, str]:
+    if known is None:
+        return None, "ignored: no order recorded this PaymentIntent"
+    order_id = str(known["order_id"])
+    nudged = conn.execute(
+        QUERIES["nudge_outbox_rows"], {"order_id": order_id, "steps": ["capture_payment"]}
+    ).fetchall()
+    return order_id, "nudged the capture step" if nudged else "ignored: no capture step waiting"
+
+
+def _hold_lost(
+    conn: psycopg.Connection[Any], order_id: str, intent: IntentView
+) -> tuple[str | None, str]:
+    """The hold of an order not shipped yet was released at Stripe (it lapsed, or
+    someone cancelled it in the dashboard): nothing is left to capture."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        order = cur.execute(QUERIES["order_money"], {"order_id": order_id}).fetchone()
+    assert order is not None
+    try:
+        payments.record_intent(
+            conn, order_id, intent, total_cents=order["total_cents"], currency=order["currency"]
+        )
+        advance(
+            conn,
+            order_id,
+            "hold_lost",
+            {"source": "webhook", "payment_intent_id": intent.id, "intent_status": intent.status},
+        )
+    except (IllegalTransition, InvalidEventDetail, IntentMismatch) as exc:
+        raise _Ignored(order_id, f"ignored: {exc}") from exc
+    return order_id, "applied: hold_lost"
 
 
 def _refund_event(conn: psycopg.Connection[Any], obj: Mapping[str, Any]) -> tuple[str | None, str]:

@@ -169,6 +169,19 @@ SELECT o.id, o.state, o.total_cents, o.currency, o.created_at, o.updated_at,
                        'payment_intent_id', pi.id, 'status', pi.status,
                        'amount_cents', pi.amount_cents,
                        'amount_received_cents', pi.amount_received_cents,
+                       -- capture at shipment: the funds held, then captured
+                       'funds', CASE pi.status
+                                    WHEN 'requires_capture' THEN 'held'
+                                    WHEN 'succeeded' THEN 'captured'
+                                    WHEN 'canceled' THEN
+                                        CASE WHEN pi.held_at IS NOT NULL THEN 'released'
+                                             ELSE 'none' END
+                                    ELSE 'none' END,
+                       'held_cents', CASE WHEN pi.status = 'requires_capture'
+                                          THEN pi.amount_capturable_cents ELSE 0 END,
+                       'captured_cents', pi.amount_received_cents,
+                       'capture_before', CASE WHEN pi.status = 'requires_capture'
+                                              THEN pi.capture_before END,
                        -- only while the customer must act (3-D Secure), for Stripe.js
                        'client_secret', CASE WHEN o.state = 'awaiting_payment'
                                               AND pi.status = 'requires_action'
@@ -210,6 +223,10 @@ SELECT o.id, o.state, o.total_cents, o.currency, o.created_at, o.updated_at
         OR (o.created_at, o.id) < (%(after_created_at)s::timestamptz, %(after_id)s::text))
  ORDER BY o.created_at DESC, o.id DESC
  LIMIT %(limit)s;
+
+-- order_state_change --
+-- An order's id and state (the answer of an operator's request)
+SELECT id, state FROM orders WHERE id = %(order_id)s;
 
 -- order_owner_state --
 -- Whether the order is the caller's, and its state

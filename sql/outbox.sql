@@ -161,6 +161,28 @@ SELECT o.id
  LIMIT %(limit)s
    FOR UPDATE OF o SKIP LOCKED;
 
+-- holds_near_expiry --
+-- Orders still going forward whose card hold must be captured within the margin (Stripe's capture_before, else 7 days from the hold), soonest first (locked, skipping ones being worked on)
+SELECT o.id, o.state,
+       COALESCE(pi.capture_before, pi.held_at + interval '7 days') AS capture_before
+  FROM payment_intents pi
+  JOIN orders o ON o.id = pi.order_id
+ WHERE pi.status = 'requires_capture'
+   AND o.state IN ('paid', 'shipped')
+   AND COALESCE(pi.capture_before, pi.held_at + interval '7 days')
+       <= now() + make_interval(secs => %(margin_s)s)
+ ORDER BY 3
+ LIMIT %(limit)s
+   FOR UPDATE OF o SKIP LOCKED;
+
+-- hurry_capture --
+-- Make a shipped order's pending capture due now (its hold is close to expiry)
+UPDATE outbox
+   SET available_at = now()
+ WHERE order_id = %(order_id)s AND step = 'capture_payment' AND status = 'pending'
+   AND available_at > now()
+RETURNING id;
+
 -- purge_idempotency_keys --
 -- Forget idempotency keys older than the retention, never one in use (bounded batch)
 DELETE FROM idempotency_keys

@@ -2,10 +2,11 @@
 -- Keep the order's PaymentIntent as last seen; one per order (another id for the same order changes nothing and returns no row)
 INSERT INTO payment_intents AS pi (order_id, id, status, amount_cents, amount_received_cents,
                                    amount_capturable_cents, currency, client_secret, next_action,
-                                   last_error_code)
+                                   last_error_code, capture_before, held_at)
 VALUES (%(order_id)s, %(id)s, %(status)s, %(amount_cents)s, %(amount_received_cents)s,
         %(amount_capturable_cents)s, %(currency)s, %(client_secret)s, %(next_action)s,
-        %(last_error_code)s)
+        %(last_error_code)s, to_timestamp(%(capture_before)s::bigint),
+        CASE WHEN %(status)s = 'requires_capture' THEN now() END)
 ON CONFLICT (order_id) DO UPDATE
    SET status = EXCLUDED.status,
        amount_received_cents = EXCLUDED.amount_received_cents,
@@ -13,6 +14,8 @@ ON CONFLICT (order_id) DO UPDATE
        client_secret = COALESCE(EXCLUDED.client_secret, pi.client_secret),
        next_action = EXCLUDED.next_action,
        last_error_code = EXCLUDED.last_error_code,
+       capture_before = COALESCE(EXCLUDED.capture_before, pi.capture_before),
+       held_at = COALESCE(pi.held_at, EXCLUDED.held_at),
        updated_at = now()
  WHERE pi.id = EXCLUDED.id
 RETURNING order_id;

@@ -25,6 +25,9 @@ VIEWS: tuple[str, ...] = (
     "daily_sales",
     "dead_letters",
     "needs_attention",
+    "payments",
+    "cancellations",
+    "holds",
 )
 
 

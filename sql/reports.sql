@@ -34,6 +34,18 @@ SELECT * FROM reporting.dead_letters;
 -- Orders parked in needs_attention with the dead row that parked them
 SELECT * FROM reporting.needs_attention;
 
+-- report_payments --
+-- Money held (capture at shipment), captured and refunded, per order state and currency
+SELECT * FROM reporting.payments;
+
+-- report_cancellations --
+-- Undone orders by the reason that started it, with holds released and money refunded
+SELECT * FROM reporting.cancellations;
+
+-- report_holds --
+-- Card payments held and not yet captured, soonest to expire first
+SELECT * FROM reporting.holds;
+
 -- metrics_orders_by_state --
 -- Orders per state, for the metrics gauges
 SELECT state, orders FROM reporting.order_states;

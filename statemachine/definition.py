@@ -152,6 +152,19 @@ STEPS: tuple[Step, ...] = (
         compensation="cancel_shipment",
         effectful=True,
     ),
+    # Capture at shipment: the hold placed by charge_payment is taken once the
+    # carrier has created the shipment, before the customer is told it ships.
+    # Its compensation is refund_payment's (it undoes whatever the intent came to).
+    Step(
+        "capture_payment",
+        StepKind.PAYMENT,
+        OrderState.SHIPPED,
+        on_success="payment_captured",
+        on_failure=OnFailure.COMPENSATE,
+        failure_event="capture_failed",
+        retry=FORWARD_RETRY,
+        effectful=True,
+    ),
     Step(
         "send_confirmation",
         StepKind.EMAIL,
@@ -240,7 +253,11 @@ FORWARD_ACTIONS: tuple[ForwardAction, ...] = (
     ForwardAction("reserve_inventory", ("place",), "release_inventory"),
     # A PaymentIntent that waits for the customer or the bank can still take
     # the money: it needs undoing (cancelling) as much as a capture (refunding).
-    ForwardAction("charge_payment", ("payment_captured", "payment_pending"), "refund_payment"),
+    ForwardAction(
+        "charge_payment",
+        ("payment_captured", "payment_pending", "payment_authorized"),
+        "refund_payment",
+    ),
     ForwardAction("ship_order", ("shipment_created",), "cancel_shipment"),
 )
 
@@ -269,7 +286,12 @@ S = OrderState
 # happened is already recorded): it only lets a compensation that waited for the
 # step start (or ends the order, if the last one finished meanwhile), so it is
 # legal only when one of those follows.
-SETTLE_EVENTS: tuple[str, ...] = ("payment_captured", "payment_pending", "shipment_created")
+SETTLE_EVENTS: tuple[str, ...] = (
+    "payment_captured",
+    "payment_authorized",
+    "payment_pending",
+    "shipment_created",
+)
 STEP_SETTLED = "step_settled"
 
 # States a dead letter can stop an order in, and where a dispute takes a settled
@@ -290,15 +312,23 @@ DISPUTE_TO_OPERATOR_STATES: tuple[OrderState, ...] = (
     S.CANCELLED,
 )
 
+# The cancel requests (reason `customer_cancelled` or `operator_cancelled`) and
+# the states they are allowed from: until the carrier has the shipment.
+CANCEL_EVENTS: tuple[str, ...] = ("customer_cancelled", "operator_cancelled")
+CANCELLABLE_STATES: tuple[OrderState, ...] = (S.RESERVED, S.AWAITING_PAYMENT, S.PAID)
+
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(PLACE_EVENT, None, S.RESERVED, ("charge_payment",), note="reserve_inventory"),
     # charge_payment
     Transition("payment_captured", S.RESERVED, S.PAID, ("ship_order",)),
+    # Capture at shipment: the card's funds are held (`requires_capture`).
+    Transition("payment_authorized", S.RESERVED, S.PAID, ("ship_order",)),
     Transition("payment_pending", S.RESERVED, S.AWAITING_PAYMENT, ("await_payment",)),
     Transition("payment_failed", S.RESERVED, S.COMPENSATING, (NEXT_COMPENSATION,)),
     Transition("reservation_expired", S.RESERVED, S.COMPENSATING, (NEXT_COMPENSATION,)),
     # 3-D Secure or a bank debit: Stripe says how it ends (webhook or poll).
     Transition("payment_captured", S.AWAITING_PAYMENT, S.PAID, ("ship_order",)),
+    Transition("payment_authorized", S.AWAITING_PAYMENT, S.PAID, ("ship_order",)),
     Transition("payment_pending", S.AWAITING_PAYMENT, S.AWAITING_PAYMENT, note="status changed"),
     Transition("payment_failed", S.AWAITING_PAYMENT, S.COMPENSATING, (NEXT_COMPENSATION,)),
     # The reservation bounds the wait for the customer: the PaymentIntent is
@@ -343,6 +373,15 @@ TRANSITIONS: tuple[Transition, ...] = (
         conditions=("not_captured_yet",),
         note="late capture",
     ),
+    # ... and a hold that appears for a cancelled order is released.
+    Transition(
+        "payment_authorized",
+        S.CANCELLED,
+        S.COMPENSATING,
+        (NEXT_COMPENSATION,),
+        conditions=("not_authorized_yet",),
+        note="late hold",
+    ),
     Transition(
         "payment_captured",
         S.NEEDS_ATTENTION,
@@ -350,9 +389,52 @@ TRANSITIONS: tuple[Transition, ...] = (
         conditions=("not_captured_yet",),
         note="late capture",
     ),
-    # ship_order
-    Transition("shipment_created", S.PAID, S.SHIPPED, ("send_confirmation",)),
+    Transition(
+        "payment_authorized",
+        S.NEEDS_ATTENTION,
+        S.NEEDS_ATTENTION,
+        conditions=("not_authorized_yet",),
+        note="late hold",
+    ),
+    # The customer's (or an operator's) cancel, allowed until the shipment exists.
+    *(
+        Transition(event, state, S.COMPENSATING, (NEXT_COMPENSATION,))
+        for event in CANCEL_EVENTS
+        for state in CANCELLABLE_STATES
+    ),
+    # ship_order: a held payment is captured next, a captured one goes to the e-mail.
+    Transition(
+        "shipment_created",
+        S.PAID,
+        S.SHIPPED,
+        ("capture_payment",),
+        conditions=("payment_held",),
+    ),
+    Transition(
+        "shipment_created",
+        S.PAID,
+        S.SHIPPED,
+        ("send_confirmation",),
+        conditions=("payment_taken",),
+    ),
     Transition("shipment_failed", S.PAID, S.COMPENSATING, (NEXT_COMPENSATION,)),
+    # The hold was released at Stripe (cancelled, or it lapsed) before the parcel
+    # shipped: nothing is left to take, so the order is undone.
+    Transition("hold_lost", S.PAID, S.COMPENSATING, (NEXT_COMPENSATION,)),
+    # A hold near its expiry with no shipment yet: an operator decides
+    # (re-drive, or cancel) before it lapses; never silently.
+    Transition("hold_expiring", S.PAID, S.NEEDS_ATTENTION),
+    # capture_payment: the money is taken, then the e-mail; a capture that fails
+    # (the hold expired, the card) undoes the shipment, the hold and the stock.
+    Transition(
+        "payment_captured",
+        S.SHIPPED,
+        S.SHIPPED,
+        ("send_confirmation",),
+        conditions=("not_captured_yet",),
+        note="captured at shipment",
+    ),
+    Transition("capture_failed", S.SHIPPED, S.COMPENSATING, (NEXT_COMPENSATION,)),
     # send_confirmation: no error edge; a dead letter goes to an operator.
     Transition("confirmation_sent", S.SHIPPED, S.CONFIRMED),
     # handle_return (human)

@@ -40,6 +40,7 @@ class OrderFacts:
     done_compensations: list[str] = field(default_factory=list)
     resume_state: str | None = None  # where a re-drive takes it back to
     captured: bool = False  # a payment_captured is recorded
+    authorized: bool = False  # a payment_authorized (a hold) is recorded
     emitted_steps: frozenset[str] = frozenset()  # steps that already have an outbox row
     # Effectful steps whose outcome is still unknown (a call in flight, or an
     # answer lost): no compensation starts until each has settled.
@@ -64,6 +65,7 @@ class OrderFacts:
             list(self.done_compensations),
             self.resume_state,
             self.captured,
+            self.authorized,
             self.emitted_steps,
             self.unsettled_steps,
         )
@@ -74,7 +76,7 @@ _DONE_BY_EVENT = {
 }
 _FORWARD_NAMES = frozenset(a.name for a in FORWARD_ACTIONS)
 # Events that send an order to an operator, remembering where it was.
-_TO_OPERATOR = frozenset({"step_dead_lettered", "dispute_opened"})
+_TO_OPERATOR = frozenset({"step_dead_lettered", "dispute_opened", "hold_expiring"})
 
 
 def facts_from_history(
@@ -99,6 +101,8 @@ def _apply_to_facts(facts: OrderFacts, entry: HistoryEntry) -> None:
         entry.event == "compensation_done" and entry.detail.get("captured")
     ):
         facts.captured = True
+    if entry.event == "payment_authorized":
+        facts.authorized = True
     for partial in entry.detail.get("effects_done", ()):
         if partial in _FORWARD_NAMES:
             facts.done_actions.add(partial)
@@ -131,6 +135,20 @@ def _not_captured_yet(ev: EventData) -> bool:
     return not _model(ev).facts.captured
 
 
+def _not_authorized_yet(ev: EventData) -> bool:
+    return not _model(ev).facts.authorized
+
+
+def _payment_held(ev: EventData) -> bool:
+    """The funds are held (authorized), not yet taken: the capture comes next."""
+    facts = _model(ev).facts
+    return facts.authorized and not facts.captured
+
+
+def _payment_taken(ev: EventData) -> bool:
+    return not _payment_held(ev)
+
+
 def _a_compensation_may_start(ev: EventData) -> bool:
     return _model(ev).next_compensation is not None
 
@@ -154,6 +172,9 @@ def _resumes(state: OrderState) -> Callable[[EventData], bool]:
 
 CONDITIONS: dict[str, Callable[[EventData], bool]] = {
     "not_captured_yet": _not_captured_yet,
+    "not_authorized_yet": _not_authorized_yet,
+    "payment_held": _payment_held,
+    "payment_taken": _payment_taken,
     "a_compensation_may_start": _a_compensation_may_start,
     "work_remains": _work_remains,
     "no_work_remains": _no_work_remains,
@@ -262,6 +283,8 @@ def already_recorded(facts: OrderFacts, event: str) -> bool:
     found it again commits.)"""
     if event == "payment_captured":
         return facts.captured
+    if event == "payment_authorized":
+        return facts.authorized
     action = _DONE_BY_EVENT.get(event)
     return action is not None and action in facts.done_actions
 

@@ -43,14 +43,15 @@ def facts_to_try(resume_states: tuple[str | None, ...] = (None,)) -> Iterator[Or
         owed = [a.compensation for a in reversed(done)]
         for undone in range(len(owed) + 1):
             remaining = owed[undone:]
-            for running, unsettled, captured, resume in itertools.product(
-                (False, True), (False, True), (False, True), resume_states
+            for running, unsettled, captured, authorized, resume in itertools.product(
+                (False, True), (False, True), (False, True), (False, True), resume_states
             ):
                 yield OrderFacts(
                     done_actions={a.name for a in done},
                     done_compensations=list(owed[:undone]),
                     resume_state=resume,
                     captured=captured,
+                    authorized=authorized,
                     emitted_steps=frozenset(remaining[:1] if running else ()),
                     unsettled_steps=frozenset({"charge_payment"} if unsettled else ()),
                 )
