@@ -80,20 +80,34 @@ def money_kept_at_provider(
     conn: psycopg.Connection[Any], effects: list[dict[str, Any]]
 ) -> list[str]:
     """Cancelled or returned orders for which the provider's effects show money
-    taken and not given back (a refund still being worked on excepted)."""
+    taken and not given back, or a hold neither captured nor released (a refund
+    or release still being worked on excepted)."""
     kept: Counter[str] = Counter()
+    held: Counter[str] = Counter()
     for e in effects:
+        amount = int(e.get("amount") or 0)
         if e["kind"] == "charge":
-            kept[e["order_id"]] += int(e.get("amount") or 0)
+            kept[e["order_id"]] += amount
+            held[e["order_id"]] -= amount  # a capture ends its hold
         elif e["kind"] == "refund":
-            kept[e["order_id"]] -= int(e.get("amount") or 0)
+            kept[e["order_id"]] -= amount
+        elif e["kind"] == "authorization":
+            held[e["order_id"]] += amount
+        elif e["kind"] == "authorization_release":
+            held[e["order_id"]] -= amount
     settled = {r["order_id"]: r["state"] for r in conn.execute(QUERIES["doctor_settled_orders"])}
     working = {r["order_id"] for r in conn.execute(QUERIES["doctor_refunds_open"])}
-    return sorted(
+    offenders = [
         f"{o} ({settled[o]}: {n} cents kept)"
         for o, n in kept.items()
         if n > 0 and o in settled and o not in working
-    )
+    ]
+    offenders += [
+        f"{o} ({settled[o]}: {n} cents still held)"
+        for o, n in held.items()
+        if n > 0 and o in settled and o not in working
+    ]
+    return sorted(offenders)
 
 
 def money_kept_at_stripe(conn: psycopg.Connection[Any], stripe: StripeReads) -> list[str]:
@@ -116,6 +130,10 @@ def money_kept_at_stripe(conn: psycopg.Connection[Any], stripe: StripeReads) -> 
             kept = intent.amount_received - refunded_cents(stripe, intent.id)
             if kept > 0:
                 offenders.append(f"{row['order_id']} ({row['state']}: {kept} cents kept)")
+        elif intent.held:
+            offenders.append(
+                f"{row['order_id']} ({row['state']}: {intent.amount_capturable} cents held)"
+            )
     return offenders
 
 
@@ -170,6 +188,14 @@ def run_checks(
         Check(
             "nothing in a working state past its timeout",
             _ids(conn, "doctor_stuck", lambda r: f"{r['order_id']} ({r['state']})"),
+        ),
+        Check(
+            "no cancelled order holds uncaptured funds",
+            _ids(conn, "doctor_cancelled_holds", lambda r: r["order_id"]),
+        ),
+        Check(
+            "no confirmed order has an uncaptured hold",
+            _ids(conn, "doctor_confirmed_holds", lambda r: r["order_id"]),
         ),
     ]
     if effects is not None:

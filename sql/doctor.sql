@@ -80,7 +80,7 @@ SELECT order_id, count(*) AS n FROM payments
 -- doctor_charges_in_flight --
 -- Orders whose payment is still being settled (a charge, a 3-D Secure or bank debit, a compensation that may find a capture): the provider may know more than we do yet
 SELECT order_id FROM outbox
- WHERE step IN ('charge_payment', 'await_payment', 'refund_payment')
+ WHERE step IN ('charge_payment', 'await_payment', 'capture_payment', 'refund_payment')
    AND status IN ('pending', 'in_flight');
 
 -- doctor_settled_orders --
@@ -91,3 +91,20 @@ SELECT id AS order_id, state FROM orders WHERE state IN ('cancelled', 'returned'
 -- Orders whose refund is still being worked on (the provider may not show it yet)
 SELECT order_id FROM outbox
  WHERE step IN ('refund_payment', 'refund_return') AND status IN ('pending', 'in_flight');
+
+-- doctor_cancelled_holds --
+-- Cancelled orders whose card payment is still held at Stripe as we last saw it (the customer's funds kept), unless its release is still being worked on
+SELECT o.id AS order_id
+  FROM orders o
+  JOIN payment_intents pi ON pi.order_id = o.id
+ WHERE o.state = 'cancelled' AND pi.status = 'requires_capture'
+   AND NOT EXISTS (SELECT 1 FROM outbox ob
+                    WHERE ob.order_id = o.id AND ob.step = 'refund_payment'
+                      AND ob.status IN ('pending', 'in_flight'));
+
+-- doctor_confirmed_holds --
+-- Confirmed orders whose payment is still only held: shipped, told, and the money never taken
+SELECT o.id AS order_id
+  FROM orders o
+  JOIN payment_intents pi ON pi.order_id = o.id
+ WHERE o.state = 'confirmed' AND pi.status = 'requires_capture';

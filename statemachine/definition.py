@@ -402,6 +402,18 @@ TRANSITIONS: tuple[Transition, ...] = (
         for event in CANCEL_EVENTS
         for state in CANCELLABLE_STATES
     ),
+    # ... and from an operator's desk, when the saga parked it only because its
+    # hold nears expiry (no step dead, no shipment): the way out besides re-driving.
+    *(
+        Transition(
+            event,
+            S.NEEDS_ATTENTION,
+            S.COMPENSATING,
+            (NEXT_COMPENSATION,),
+            conditions=("parked_for_its_hold",),
+        )
+        for event in CANCEL_EVENTS
+    ),
     # ship_order: a held payment is captured next, a captured one goes to the e-mail.
     Transition(
         "shipment_created",

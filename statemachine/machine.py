@@ -39,6 +39,7 @@ class OrderFacts:
     done_actions: set[str] = field(default_factory=set)
     done_compensations: list[str] = field(default_factory=list)
     resume_state: str | None = None  # where a re-drive takes it back to
+    parked_by: str | None = None  # the event that sent it to an operator
     captured: bool = False  # a payment_captured is recorded
     authorized: bool = False  # a payment_authorized (a hold) is recorded
     emitted_steps: frozenset[str] = frozenset()  # steps that already have an outbox row
@@ -64,6 +65,7 @@ class OrderFacts:
             set(self.done_actions),
             list(self.done_compensations),
             self.resume_state,
+            self.parked_by,
             self.captured,
             self.authorized,
             self.emitted_steps,
@@ -110,6 +112,7 @@ def _apply_to_facts(facts: OrderFacts, entry: HistoryEntry) -> None:
         facts.done_compensations.append(str(entry.detail["step"]))
     if entry.event in _TO_OPERATOR and entry.to_state != entry.from_state:
         facts.resume_state = entry.from_state
+        facts.parked_by = entry.event
 
 
 class _OrderModel:
@@ -149,6 +152,13 @@ def _payment_taken(ev: EventData) -> bool:
     return not _payment_held(ev)
 
 
+def _parked_for_its_hold(ev: EventData) -> bool:
+    """Sent to an operator because its hold nears expiry before shipment: every
+    step is still alive, so it may be cancelled like an order not shipped yet."""
+    facts = _model(ev).facts
+    return facts.parked_by == "hold_expiring" and facts.resume_state == OrderState.PAID.value
+
+
 def _a_compensation_may_start(ev: EventData) -> bool:
     return _model(ev).next_compensation is not None
 
@@ -175,6 +185,7 @@ CONDITIONS: dict[str, Callable[[EventData], bool]] = {
     "not_authorized_yet": _not_authorized_yet,
     "payment_held": _payment_held,
     "payment_taken": _payment_taken,
+    "parked_for_its_hold": _parked_for_its_hold,
     "a_compensation_may_start": _a_compensation_may_start,
     "work_remains": _work_remains,
     "no_work_remains": _no_work_remains,

@@ -168,10 +168,21 @@ def providers(sandbox: Any) -> Iterator[Any]:
 
 
 @pytest.fixture()
-def worker(db_url: str, providers: Any) -> Iterator[Any]:
+def worker(request: pytest.FixtureRequest, db_url: str, providers: Any) -> Iterator[Any]:
+    """A worker on the test's database; a module that sets CAPTURE = "immediate"
+    pins the capture policy its tests were written for (default: at_shipment)."""
     from orderflow.outbox_worker.runner import Worker
+    from orderflow.outbox_worker.steps import StepSettings
 
-    w = Worker(db_url, providers, concurrency=4, lease_s=5, backoff_scale=0.01)
+    capture = getattr(request.module, "CAPTURE", "at_shipment")
+    w = Worker(
+        db_url,
+        providers,
+        concurrency=4,
+        lease_s=5,
+        backoff_scale=0.01,
+        steps=StepSettings(capture=capture),
+    )
     yield w
     w.close()
 

@@ -31,6 +31,10 @@ from tests.support.sandbox_client import check_invariants, drain, states
 
 WEBHOOK_SECRET = "whsec_test_orderflow_secret"
 
+# These tests pin the immediate capture (money taken at confirmation: today's
+# behaviour, unchanged); tests/integration/test_capture.py covers at_shipment.
+CAPTURE = "immediate"
+
 
 def _kinds(effects: list[dict[str, Any]]) -> Counter[str]:
     return Counter(e["kind"] for e in effects)

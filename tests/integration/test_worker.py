@@ -13,10 +13,15 @@ from orderflow import failpoints
 from orderflow.outbox_worker.core import Success, WorkerConfig, claim, commit_successes, process
 from orderflow.outbox_worker.outcomes import StepOutcome
 from orderflow.outbox_worker.runner import Worker
+from orderflow.outbox_worker.steps import StepSettings
 from orderflow.sql.db import connect
 from orderflow.statemachine.engine import advance
 from tests.support.helpers import place
 from tests.support.sandbox_client import check_invariants, drain, states
+
+# These tests pin the immediate capture (money taken at confirmation: today's
+# behaviour, unchanged); tests/integration/test_capture.py covers at_shipment.
+CAPTURE = "immediate"
 
 
 def _history(conn: psycopg.Connection[Any], order_id: str) -> list[tuple[str, str | None]]:
@@ -185,8 +190,9 @@ def test_unknown_outcome_is_never_compensated_blind(
 
 def test_stale_lease_cannot_commit(db_url: str, conn: Any, providers: Any, sandbox: Any) -> None:
     order = place(conn)
-    slow = WorkerConfig(owner="slow", lease_s=30, backoff_scale=0.01)
-    fast = WorkerConfig(owner="fast", lease_s=30, backoff_scale=0.01)
+    immediate = StepSettings(capture=CAPTURE)
+    slow = WorkerConfig(owner="slow", lease_s=30, backoff_scale=0.01, steps=immediate)
+    fast = WorkerConfig(owner="fast", lease_s=30, backoff_scale=0.01, steps=immediate)
     with connect(db_url) as c1, connect(db_url) as c2:
         [row_slow] = claim(c1, slow, 10)
         conn.execute("UPDATE outbox SET lease_until = now() - interval '1 second'")

@@ -43,13 +43,19 @@ def facts_to_try(resume_states: tuple[str | None, ...] = (None,)) -> Iterator[Or
         owed = [a.compensation for a in reversed(done)]
         for undone in range(len(owed) + 1):
             remaining = owed[undone:]
-            for running, unsettled, captured, authorized, resume in itertools.product(
-                (False, True), (False, True), (False, True), (False, True), resume_states
+            for running, unsettled, captured, authorized, resume, parked_by in itertools.product(
+                (False, True),
+                (False, True),
+                (False, True),
+                (False, True),
+                resume_states,
+                (None, "hold_expiring"),
             ):
                 yield OrderFacts(
                     done_actions={a.name for a in done},
                     done_compensations=list(owed[:undone]),
                     resume_state=resume,
+                    parked_by=parked_by if resume is not None else None,
                     captured=captured,
                     authorized=authorized,
                     emitted_steps=frozenset(remaining[:1] if running else ()),
@@ -59,6 +65,8 @@ def facts_to_try(resume_states: tuple[str | None, ...] = (None,)) -> Iterator[Or
 
 def _resume_states(row: Transition) -> tuple[str | None, ...]:
     named = tuple(c.removeprefix("resumes_") for c in row.conditions if c.startswith("resumes_"))
+    if "parked_for_its_hold" in row.conditions:
+        named = (*named, "paid")
     return (None, *named)
 
 
