@@ -347,7 +347,8 @@ def cmd_bench_saga(args: argparse.Namespace, settings: Settings) -> int:
     run = _bench("saga").main
     return int(
         run(args.orders, args.workers, args.concurrency, args.pgbench_seconds, args.preload,
-            args.provider_latency_ms, args.backlog_first, args.worker_checkout, args.peers)
+            args.provider_latency_ms, args.backlog_first, args.worker_checkout, args.peers,
+            args.capture)
     )  # fmt: skip
 
 
@@ -576,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers", action="store_true", help="then DBOS's four-step workflow, as many of them"
     )
+    p.add_argument(
+        "--capture", choices=("at_shipment", "immediate"), default=None,
+        help="the workers' ORDERFLOW_CAPTURE (default: the environment's, else at_shipment)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench_saga)
     p = bench_sub.add_parser(
         "dispatch", help="ready outbox rows drained by one worker, no-op steps"

@@ -74,6 +74,7 @@ def run_demo(
     from orderflow.app.main import create_app
     from orderflow.outbox_worker.providers import ProviderConfig, Providers
     from orderflow.outbox_worker.runner import Worker
+    from orderflow.outbox_worker.steps import StepSettings
     from orderflow.sandbox.app import create_sandbox_app
 
     started = time.monotonic()
@@ -103,10 +104,13 @@ def run_demo(
             f"{sandbox_url}/_sandbox/config",
             json={"webhook_url": f"{api_url}/v1/webhooks/stripe", "webhook_secret": webhook_secret},
         ).raise_for_status()
-        worker = Worker(url, providers, concurrency=8, lease_s=15)
+        worker = Worker(
+            url, providers, concurrency=8, lease_s=15, steps=StepSettings.from_settings(settings)
+        )
         worker_thread = threading.Thread(target=worker.run_forever, daemon=True)
         worker_thread.start()
         print(f"API {api_url}   sandbox {sandbox_url}   worker: 8 calls in flight")
+        print(f"capture: {settings.capture} (ORDERFLOW_CAPTURE)")
         print("webhooks: the sandbox signs Stripe's events for the API's /v1/webhooks/stripe")
         try:
 
@@ -206,7 +210,17 @@ def _place_and_follow(
         _wait_for(url, [order_id], ("awaiting_return",), 60)
         http.post(f"/v1/admin/orders/{order_id}/return-received", headers=admin)
     _progress(url, list(order_ids), timeout_s=120)
+    _customer_cancel(url, http, sandbox_url, users[0], token_for)
     with connect(url) as conn:
+        money = conn.execute(QUERIES["dashboard_money"]).fetchall()
+        for m in money:
+            held, captured, refunded = (
+                int(str(m[k])) / 100 for k in ("held_cents", "captured_cents", "refunded_cents")
+            )
+            print(
+                f"money ({m['currency']}): held {held:.2f} on {m['held_orders']} orders,"
+                f" captured {captured:.2f} on {m['captured_orders']}, refunded {refunded:.2f}"
+            )
         final = {
             str(row["state"]): int(str(row["orders"]))
             for row in conn.execute(QUERIES["report_order_states"])
@@ -242,6 +256,49 @@ def _three_d_secure(
     intents = httpx.get(f"{sandbox_url}/_sandbox/payment_intents", params={"order_id": order_id})
     status = [i.get("status") for i in intents.json()["payment_intents"]]
     print(f"3-D Secure abandoned: order {order_id} cancelled, its PaymentIntent {status}")
+
+
+def _customer_cancel(
+    url: str, http: httpx.Client, sandbox_url: str, user: uuid.UUID, token_for: Callable[..., str]
+) -> None:
+    """A customer cancels an order whose card is held, before it ships: the hold is
+    released at Stripe and the stock put back; no money moved, so nothing is refunded.
+    (The carrier answers its first call with a 503, so the parcel waits a second.)"""
+    headers = {"Authorization": f"Bearer {token_for(user)}"}
+    _faults(sandbox_url, {"endpoint": "shipment", "mode": "error", "status": 503, "count": 1})
+    cart = http.post(
+        "/v1/carts",
+        headers=headers,
+        json={"lines": [{"sku": "MUG-01", "qty": 1}], "shipping_address": ADDRESS},
+    ).json()
+    order = http.post(
+        "/v1/orders",
+        headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
+        json={"cart_id": cart["id"], "payment_method_id": "pm_card_visa"},
+    ).json()
+    _wait_for(url, [order["id"]], ("paid",), 30)
+    shown = http.get(f"/v1/orders/{order['id']}", headers=headers).json()["payment"] or {}
+    cancel = http.post(
+        f"/v1/orders/{order['id']}/cancel",
+        headers={**headers, "Idempotency-Key": str(uuid.uuid4())},
+    )
+    _wait_for(url, [order["id"]], ("cancelled",), 30)
+    # its ship step, backing off after the 503, then finds the order cancelled and ends
+    deadline = time.monotonic() + 15
+    with connect(url) as conn:
+        while time.monotonic() < deadline and any(
+            r["status"] in ("pending", "in_flight")
+            for r in conn.execute(QUERIES["order_outbox"], {"order_id": order["id"]})
+        ):
+            time.sleep(0.1)
+    effects = httpx.get(f"{sandbox_url}/_sandbox/effects").json()["effects"]
+    kinds = [e["kind"] for e in effects if e["order_id"] == order["id"]]
+    print(
+        f"customer cancel: order {order['id']} ({shown.get('funds')}"
+        f" {(shown.get('held_cents') or 0) / 100:.2f}) -> {cancel.status_code},"
+        f" at Stripe: {', '.join(kinds)}"
+    )
+    _faults(sandbox_url)
 
 
 def _faults(sandbox_url: str, *rules: dict[str, Any]) -> None:

@@ -182,6 +182,7 @@ def run(
     latency_ms: float = 0.0,
     backlog: bool = False,
     worker_checkout: Path | None = None,
+    capture: str | None = None,
 ) -> dict[str, Any]:
     with scratch_database("orderflow_bench_saga") as url:
         if preload:  # finished orders with their history and outbox rows, for the flat-cost run
@@ -208,6 +209,8 @@ def run(
             "STRIPE_API_BASE": sandbox_url,
             "SHIPPING_API_BASE": sandbox_url,
             "EMAIL_API_BASE": sandbox_url,
+            # at_shipment: one more Stripe call per saga (the capture)
+            **({"ORDERFLOW_CAPTURE": capture} if capture else {}),
         }
         sandbox = subprocess.Popen(
             [sys.executable, "-m", "orderflow.app.cli", "sandbox", "--port", str(port)],
@@ -306,6 +309,7 @@ def run(
         "worker_peak_rss_mb": max((r for r in worker_rss if r is not None), default=None),
         "provider_latency_ms": latency_ms,
         "backlog_first": backlog,
+        "capture": capture or os.environ.get("ORDERFLOW_CAPTURE") or "at_shipment",
         "concurrency": concurrency,
         "worker_checkout": str(worker_checkout or CHECKOUT),
         "sandbox_peak_concurrent_calls": peak_calls,
@@ -351,9 +355,18 @@ def main(
     backlog: bool = False,
     worker_checkout: Path | None = None,
     peers: bool = False,
+    capture: str | None = None,
 ) -> int:
     result = run(
-        orders, workers, concurrency, pgbench_s, preload, latency_ms, backlog, worker_checkout
+        orders,
+        workers,
+        concurrency,
+        pgbench_s,
+        preload,
+        latency_ms,
+        backlog,
+        worker_checkout,
+        capture,
     )
     if peers:  # the moonshot: as many DBOS workflows of four no-op steps, on the same server
         from bench.peers import dbos_workflows

@@ -33,6 +33,9 @@ class Overview:
     stuck: list[dict[str, Any]]
     funnel: list[dict[str, Any]]
     funnel_as_of: Any
+    money: list[dict[str, Any]]  # held vs captured, per currency
+    holds_near_expiry: list[dict[str, Any]]
+    cancellations: list[dict[str, Any]]
 
     @property
     def total_orders(self) -> int:
@@ -49,6 +52,11 @@ class OrderDetail:
     shipments: list[dict[str, Any]]
 
 
+# Holds this close to Stripe's capture_before are flagged (the worker acts at
+# ORDERFLOW_HOLD_MARGIN_S, 24 h by default): two days shows them coming.
+HOLD_WARNING_S = 2 * 24 * 3600
+
+
 def overview(conn: psycopg.Connection[Any]) -> Overview:
     """Everything on the overview, read in one snapshot so its figures agree with each other."""
     with conn.transaction():
@@ -63,6 +71,12 @@ def overview(conn: psycopg.Connection[Any]) -> Overview:
             QUERIES["dashboard_needs_attention"], {"limit": LIST_LIMIT}
         ).fetchall()
         stuck = conn.execute(QUERIES["dashboard_stuck_orders"], {"limit": LIST_LIMIT}).fetchall()
+        money = conn.execute(QUERIES["dashboard_money"]).fetchall()
+        holds = conn.execute(
+            QUERIES["dashboard_holds_near_expiry"],
+            {"margin_s": HOLD_WARNING_S, "limit": LIST_LIMIT},
+        ).fetchall()
+        cancellations = conn.execute(QUERIES["dashboard_cancellations"]).fetchall()
     counts = {row["state"]: int(row["orders"]) for row in states}
     return Overview(
         counts=counts,
@@ -75,6 +89,9 @@ def overview(conn: psycopg.Connection[Any]) -> Overview:
         stuck=stuck,
         funnel=funnel,  # oldest day first, as a chart reads
         funnel_as_of=funnel[0]["as_of"] if funnel else None,
+        money=money,
+        holds_near_expiry=holds,
+        cancellations=cancellations,
     )
 
 

@@ -586,7 +586,7 @@ class AwaitPayment(_PaymentStep):
 # ---------------------------------------------------------------- capture_payment
 
 
-class CapturePayment(_PaymentStep):
+class CapturePayment(Step):
     """Capture at shipment: take the held funds once the carrier has the shipment.
 
     The capture is sent under the row's key `{order_id}:capture_payment`: Stripe
@@ -597,6 +597,9 @@ class CapturePayment(_PaymentStep):
     fails the capture at once: the shipment is cancelled, the stock released."""
 
     name = "capture_payment"
+    # Its plain success (the capture recorded, the order on to the e-mail) may
+    # share the shipping path's group commit: no stock moves with it.
+    batches = True
 
     def run(self, c: StepCall) -> StepOutcome:
         intent_id = c.order.get("payment_intent_id")

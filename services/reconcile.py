@@ -12,6 +12,7 @@ anything is left for one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,6 +160,34 @@ def _orphan(stripe: StripeReads, intent: IntentView, fix: bool) -> list[Finding]
     return [Finding(intent.order_id, intent.id, what, "for a person")]
 
 
+def _release_hold(
+    conn: psycopg.Connection[Any],
+    stripe: StripeReads,
+    order: dict[str, Any],
+    intent: IntentView,
+    fix: bool,
+) -> Finding:
+    """A cancelled order whose card is still held at Stripe: release the hold, and
+    record the intent as Stripe then shows it."""
+    order_id = str(order["order_id"])
+    what = f"a cancelled order still holds {intent.amount_capturable} cents"
+    if not fix:
+        return Finding(order_id, intent.id, what, "to release")
+    reply = stripe.cancel_intent(intent.id, f"{order_id}:reconcile:release:{intent.id}")
+    cancelled = IntentView.parse(getattr(reply, "body", None))
+    if cancelled is None or cancelled.status != "canceled":
+        return Finding(order_id, intent.id, what, "for a person")
+    with contextlib.suppress(IntentMismatch):
+        payments.record_intent(
+            conn,
+            order_id,
+            cancelled,
+            total_cents=order["total_cents"],
+            currency=order["currency"],
+        )
+    return Finding(order_id, intent.id, what, "fixed: hold released at Stripe")
+
+
 def _compare(
     conn: psycopg.Connection[Any],
     stripe: StripeReads,
@@ -190,6 +219,13 @@ def _compare(
         and (intent.event() != "payment_pending" or intent.status == "processing")
     ):
         findings.append(_apply(conn, order_id, intent, order, "a status we missed", fix, hold_s))
+    if intent.held and state == OrderState.CANCELLED and not order["payment_step_open"]:
+        findings.append(_release_hold(conn, stripe, order, intent, fix))
+    elif intent.held and state == OrderState.CONFIRMED:
+        findings.append(
+            Finding(order_id, intent.id, "a confirmed order whose hold was never captured",
+                    "for a person")
+        )  # fmt: skip
     if intent.captured and state in (OrderState.CANCELLED, OrderState.RETURNED):
         kept = intent.amount_received - refunded_cents(stripe, intent.id)
         if kept > 0 and not order["payment_step_open"]:

@@ -23,6 +23,28 @@ SELECT order_id, state, updated_at, in_state_for, timeout_minutes, pending_step,
   FROM reporting.stuck_orders
  LIMIT %(limit)s;
 
+-- dashboard_money --
+-- Money held (capture at shipment) and captured, in all, per currency (reporting.payments)
+SELECT currency,
+       sum(held_orders)::bigint AS held_orders, sum(held_cents)::bigint AS held_cents,
+       sum(captured_orders)::bigint AS captured_orders,
+       sum(captured_cents)::bigint AS captured_cents,
+       sum(refunded_cents)::bigint AS refunded_cents
+  FROM reporting.payments
+ GROUP BY currency
+ ORDER BY currency;
+
+-- dashboard_holds_near_expiry --
+-- Holds that must be captured within the margin, soonest first (reporting.holds)
+SELECT order_id, state, held_cents, currency, capture_before, time_left
+  FROM reporting.holds
+ WHERE time_left <= make_interval(secs => %(margin_s)s)
+ LIMIT %(limit)s;
+
+-- dashboard_cancellations --
+-- Undone orders by reason (reporting.cancellations)
+SELECT reason, orders, cancelled, holds_released, refunded_cents FROM reporting.cancellations;
+
 -- dashboard_funnel --
 -- The funnel snapshot's last n UTC days, days without orders included (as zeros), with the time it was taken
 SELECT d.day::date AS day,

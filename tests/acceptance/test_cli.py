@@ -63,11 +63,19 @@ def test_demo_runs_the_whole_saga_over_http(db_url: str) -> None:
             for pair in re.search(r"^orders by state: (.*)$", out, re.MULTILINE)[1].split(", ")  # type: ignore[index]
         )
     )
-    # 2 declined cards and 1 refused parcel cancel; 1 return; a timed-out charge confirms
-    assert final == {"confirmed": 4, "returned": 1, "cancelled": 3}
-    for view in ("order_states", "funnel", "compensations", "daily_sales"):
+    # 2 declined cards, 1 refused parcel and the customer's cancel cancel; 1 return; a
+    # timed-out charge confirms
+    assert final == {"confirmed": 4, "returned": 1, "cancelled": 4}
+    for view in (
+        "order_states", "funnel", "compensations", "daily_sales", "payments", "cancellations",
+    ):  # fmt: skip
         assert f"== {view} (" in out
-    assert "shipment_failed  ship_order" in out
+    # the customer cancels a held order before it ships: the hold is released, no refund
+    cancel = re.search(r"^customer cancel: .*$", out, re.MULTILINE)
+    assert cancel and "(held " in cancel[0] and "-> 202" in cancel[0], out[-2000:]
+    assert "authorization, authorization_release" in cancel[0] and "refund" not in cancel[0]
+    assert re.search(r"^money \(EUR\): held [0-9.]+ on \d+ orders, captured [0-9.]+", out, re.M)
+    assert re.search(r"shipment_failed +ship_order", out)
     assert "/docs" in out and "/metrics" in out
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from orderflow.outbox_worker.runner import Worker
+from orderflow.outbox_worker.steps import StepSettings
 from orderflow.statemachine.engine import advance
 from tests.support.helpers import place
 from tests.support.processes import start_worker
@@ -21,6 +22,7 @@ EXTERNAL = {
     # step: (path that reaches it, final state)
     "charge_payment": ("happy", "confirmed"),
     "ship_order": ("happy", "confirmed"),
+    "capture_payment": ("happy", "confirmed"),
     "send_confirmation": ("happy", "confirmed"),
     "refund_payment": ("refused", "cancelled"),
     "create_return_label": ("return", "returned"),
@@ -38,17 +40,24 @@ WAITING = {
     "refund_payment": ("abandoned", "cancelled"),
 }
 POINTS = ("before_call", "after_call", "before_commit", "after_commit")
-CASES = (
-    [(step, point, *how) for step, how in EXTERNAL.items() for point in POINTS]
-    + [(step, point, *how) for step, how in WAITING.items() for point in POINTS]
-    # between the PaymentIntent's creation (noted) and its confirmation
-    + [("charge_payment", "after_checkpoint", "happy", "confirmed")]
-    + [
-        (step, point, *how)
-        for step, how in LOCAL.items()
-        for point in ("before_commit", "after_commit")
-    ]
-)
+CASES = [
+    (*case, "at_shipment")
+    for case in (
+        [(step, point, *how) for step, how in EXTERNAL.items() for point in POINTS]
+        + [(step, point, *how) for step, how in WAITING.items() for point in POINTS]
+        # between the PaymentIntent's creation (noted) and its confirmation
+        + [("charge_payment", "after_checkpoint", "happy", "confirmed")]
+        + [
+            (step, point, *how)
+            for step, how in LOCAL.items()
+            for point in ("before_commit", "after_commit")
+        ]
+    )
+] + [
+    # With the immediate capture, a refused parcel's payment is refunded, not released.
+    ("refund_payment", point, "refused", "cancelled", "immediate")
+    for point in POINTS
+]
 
 
 def _customer(conn: Any, sandbox: Any, order_id: str, path: str, worker: Worker) -> None:
@@ -87,8 +96,34 @@ def _wait_state(conn: Any, order_id: str, wanted: str, proc: subprocess.Popen[by
     raise AssertionError(f"order never reached {wanted}")
 
 
-@pytest.mark.parametrize(("step", "point", "path", "final"), CASES)
+@pytest.mark.parametrize(("step", "point", "path", "final", "capture"), CASES)
 def test_worker_dies_at_failpoint(
+    db_url: str,
+    conn: Any,
+    providers: Any,
+    sandbox: Any,
+    tmp_path: Path,
+    step: str,
+    point: str,
+    path: str,
+    final: str,
+    capture: str,
+) -> None:
+    worker = Worker(
+        db_url,
+        providers,
+        concurrency=4,
+        lease_s=5,
+        backoff_scale=0.01,
+        steps=StepSettings(capture=capture),
+    )
+    try:
+        _sweep_one(db_url, conn, worker, sandbox, tmp_path, step, point, path, final, capture)
+    finally:
+        worker.close()
+
+
+def _sweep_one(
     db_url: str,
     conn: Any,
     worker: Worker,
@@ -98,6 +133,7 @@ def test_worker_dies_at_failpoint(
     point: str,
     path: str,
     final: str,
+    capture: str,
 ) -> None:
     if path == "refused":
         sandbox.faults({"endpoint": "shipment", "mode": "error", "status": 422})
@@ -105,7 +141,13 @@ def test_worker_dies_at_failpoint(
     order = place(conn, [("MUG-01", 1)], payment_method=card)
     # --lease 1 (after start_worker's own --lease 2: the last one counts)
     proc = start_worker(
-        db_url, sandbox, tmp_path, "--lease", "1", failpoints=f"{step}.{point}=exit"
+        db_url,
+        sandbox,
+        tmp_path,
+        "--lease",
+        "1",
+        failpoints=f"{step}.{point}=exit",
+        env_extra={"ORDERFLOW_CAPTURE": capture},
     )
     try:
         if path == "return":

@@ -29,7 +29,8 @@ def test_sigkill_mid_batch_then_restart(
     )
     first = start_worker(db_url, sandbox, tmp_path)
     deadline = time.monotonic() + 20
-    while not sandbox.effects(kind="charge"):  # kill it mid-flight, after some effects
+    # kill it mid-flight, after some effects (a hold is the first one, capture at shipment)
+    while not sandbox.effects(kind="authorization"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.3)

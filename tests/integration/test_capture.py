@@ -205,8 +205,7 @@ def test_a_hold_near_its_expiry_is_never_left_to_lapse(
     shipped = place(conn)
     run_until(worker, conn, shipped.id, "shipped")
     conn.execute(
-        "UPDATE payment_intents SET capture_before = now() + interval '1 hour'"
-        " WHERE order_id = %s",
+        "UPDATE payment_intents SET capture_before = now() + interval '1 hour' WHERE order_id = %s",
         (shipped.id,),
     )
     conn.execute(
@@ -484,3 +483,48 @@ def test_the_doctor_finds_holds_left_on_cancelled_and_confirmed_orders(
     effects = [e for e in sandbox.effects() if e["kind"] != "authorization_release"]
     names = {c.name for c in run_checks(conn, effects) if not c.ok}
     assert "no cancelled or returned order keeps money at the provider" in names
+
+
+def test_reconcile_releases_a_hold_left_on_a_cancelled_order(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    from orderflow.outbox_worker.providers import StripeApi
+    from orderflow.services.reconcile import reconcile
+
+    order = place(conn)
+    conn.execute(
+        "UPDATE reservations SET expires_at = created_at + interval '1 microsecond'"
+        " WHERE order_id = %s",
+        (order.id,),
+    )
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    # A hold placed at Stripe for the order and never released (a record lost)
+    client = stripe.StripeClient(
+        "sk_test_x", base_addresses={"api": sandbox.url},
+        http_client=stripe.HTTPXClient(allow_sync_methods=True),
+    )  # fmt: skip
+    intent = client.v1.payment_intents.create(
+        params={"amount": order.total_cents, "currency": "eur", "payment_method": "pm_card_visa",
+                "confirm": True, "metadata": {"order_id": order.id},
+                "payment_method_options": {"card": {"capture_method": "manual"}}},
+    )  # fmt: skip
+    assert intent.status == "requires_capture"
+    conn.execute(
+        "INSERT INTO payment_intents (order_id, id, status, amount_cents, currency, held_at)"
+        " VALUES (%s, %s, 'requires_capture', %s, 'EUR', now())",
+        (order.id, intent.id, order.total_cents),
+    )
+    api = StripeApi(sandbox.provider_config())
+    failing = {c.name for c in run_checks(conn, None, api) if not c.ok}
+    assert failing == {
+        "no cancelled order holds uncaptured funds",
+        "no cancelled or returned order keeps money at Stripe",
+    }
+    findings = reconcile(conn, api, 3600)
+    assert [(f.order_id, f.action) for f in findings] == [
+        (order.id, "fixed: hold released at Stripe")
+    ]
+    assert _kinds(sandbox.effects(order_id=order.id)) == ["authorization", "authorization_release"]
+    assert reconcile(conn, api, 3600) == []
+    check_invariants(conn, sandbox.effects())

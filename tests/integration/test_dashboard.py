@@ -95,6 +95,42 @@ def test_overview_lists_the_dead_letter_needs_attention_and_backlog(
     assert re.search(r'data-step="send_confirmation">.*?<td class="num bad">1</td>', backlog, re.S)
 
 
+def test_overview_shows_money_held_and_captured_holds_near_expiry_and_cancellations(
+    client: TestClient, saga: Saga, conn: Any, worker: Any, sandbox: Any
+) -> None:
+    from tests.support.helpers import place
+
+    sandbox.faults({"endpoint": "shipments.create", "mode": "error", "status": 503})
+    held = place(conn)
+    deadline = time.monotonic() + 20
+    while states(conn)[held.id] != "paid":
+        assert time.monotonic() < deadline
+        worker.run_once()
+    html = client.get("/").text
+    money = html.split('id="money-totals"')[1].split("</table>")[0]
+    holding = conn.execute(
+        "SELECT count(*) AS n, sum(amount_capturable_cents) AS c FROM payment_intents"
+        " WHERE status = 'requires_capture'"
+    ).fetchone()
+    assert holding["n"] >= 1  # ours (and the saga's reserved order, which ran too)
+    assert f'data-held-cents="{holding["c"]}"' in money
+    captured = conn.execute(
+        "SELECT sum(amount_received_cents) AS c FROM payment_intents WHERE status = 'succeeded'"
+    ).fetchone()["c"]
+    assert captured > 0 and f'data-captured-cents="{captured}"' in money
+    cancellations = html.split('id="cancellations"')[1].split("</table>")[0]
+    assert 'data-reason="payment_failed"' in cancellations  # the declined card
+    assert re.search(r'id="holds-near-expiry-total">0<', html)
+    # the hold must be captured within the hour: flagged
+    conn.execute(
+        "UPDATE payment_intents SET capture_before = now() + interval '1 hour' WHERE order_id = %s",
+        (held.id,),
+    )
+    html = client.get("/").text
+    assert re.search(r'id="holds-near-expiry-total">1<', html)
+    assert held.id in html.split('id="holds-near-expiry"')[1].split("</table>")[0]
+
+
 def test_live_fragment_is_the_overview_without_the_page(client: TestClient, saga: Saga) -> None:
     live = client.get("/overview/live")
     assert live.status_code == 200

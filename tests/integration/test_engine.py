@@ -32,6 +32,11 @@ PP: Ev = ("payment_pending", {"payment_intent_id": "pi_1", "intent_status": "req
 FAILED: Ev = ("payment_failed", {})
 DISPUTE: Ev = ("dispute_opened", {"dispute_id": "dp_1"})
 CANCELLED: list[Ev] = [EXPIRE, ("compensation_done", {"step": "release_inventory"})]
+# Capture at shipment: the hold, the customer's and an operator's cancel, the hold's expiry
+PA: Ev = ("payment_authorized", {"payment_intent_id": "pi_1", "intent_status": "requires_capture"})
+CC: Ev = ("customer_cancelled", {"reason": "customer_cancelled"})
+OC: Ev = ("operator_cancelled", {"reason": "operator_cancelled"})
+HE: Ev = ("hold_expiring", {"capture_before": "2026-12-09T00:00:00+00:00"})
 
 
 def done(step: str) -> Ev:
@@ -123,6 +128,26 @@ CASES: list[tuple[list[Ev], Ev, str, str, list[str]]] = [
     ([PC, SC, CS, RR, DEAD], REDRIVE, "needs_attention", "return_requested", []),
     ([*RETURNED, DEAD], REDRIVE, "needs_attention", "returned", []),
     ([EXPIRE, DEAD], REDRIVE, "needs_attention", "compensating", []),
+    # capture at shipment: a hold, then the capture after the shipment exists
+    ([], PA, "reserved", "paid", ["ship_order"]),
+    ([PP], PA, "awaiting_payment", "paid", ["ship_order"]),
+    ([PA], SC, "paid", "shipped", ["capture_payment"]),
+    ([PA, SC], PC, "shipped", "shipped", ["send_confirmation"]),
+    ([PA, SC], ("capture_failed", {}), "shipped", "compensating", ["cancel_shipment"]),
+    ([PA], ("hold_lost", {}), "paid", "compensating", ["refund_payment"]),
+    ([PA], HE, "paid", "needs_attention", []),
+    ([EXPIRE], PA, "compensating", "compensating", []),
+    ([*CANCELLED], PA, "cancelled", "compensating", ["refund_payment"]),
+    ([EXPIRE, DEAD], PA, "needs_attention", "needs_attention", []),
+    # the customer's cancel and an operator's, until the shipment exists
+    ([], CC, "reserved", "compensating", ["release_inventory"]),
+    ([PP], CC, "awaiting_payment", "compensating", ["refund_payment"]),
+    ([PA], CC, "paid", "compensating", ["refund_payment"]),
+    ([PA, HE], CC, "needs_attention", "compensating", ["refund_payment"]),
+    ([], OC, "reserved", "compensating", ["release_inventory"]),
+    ([PP], OC, "awaiting_payment", "compensating", ["refund_payment"]),
+    ([PC], OC, "paid", "compensating", ["refund_payment"]),
+    ([PA, HE], OC, "needs_attention", "compensating", ["refund_payment"]),
 ]
 
 

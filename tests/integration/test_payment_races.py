@@ -13,10 +13,15 @@ from typing import Any
 from orderflow.outbox_worker.core import call_step, claim, commit_step
 from orderflow.outbox_worker.providers import NotSent, Reply
 from orderflow.outbox_worker.runner import Worker
+from orderflow.outbox_worker.steps import StepSettings
 from orderflow.services import webhooks
 from orderflow.services.reconcile import reconcile
 from tests.support.helpers import place
 from tests.support.sandbox_client import check_invariants, states
+
+# These races were written for the immediate capture (money taken at confirmation);
+# tests/integration/test_capture.py races the cancel against the ship step.
+CAPTURE = "immediate"
 
 
 def _kinds(sandbox: Any, order_id: str) -> list[str]:
@@ -93,7 +98,7 @@ def test_stripe_unreachable_after_a_lost_confirm_never_fails_the_payment(
 ) -> None:
     stripe = _Outage(providers.stripe, ("retrieve_intent", "confirm_intent"))
     worker = Worker(db_url, _Providers(providers, stripe=stripe), concurrency=1, lease_s=5,
-                    backoff_scale=0.01)  # fmt: skip
+                    backoff_scale=0.01, steps=StepSettings(capture=CAPTURE))  # fmt: skip
     try:
         sandbox.faults(
             {"endpoint": "payment_intents.confirm", "mode": "timeout_after_success", "hang_s": 3,
@@ -119,7 +124,7 @@ def test_the_carrier_unreachable_after_a_lost_label_never_compensates(
 ) -> None:
     carrier = _Outage(providers.carrier)
     worker = Worker(db_url, _Providers(providers, carrier=carrier), concurrency=1, lease_s=5,
-                    backoff_scale=0.01)  # fmt: skip
+                    backoff_scale=0.01, steps=StepSettings(capture=CAPTURE))  # fmt: skip
     try:
         sandbox.faults({"endpoint": "shipments.create", "mode": "timeout_after_success",
                         "hang_s": 3, "count": 1})  # fmt: skip

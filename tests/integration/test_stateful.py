@@ -2,7 +2,8 @@
 
 Rules place orders over HTTP (reusing idempotency keys), run the worker once,
 crash it at a failpoint, advance the clock past reservation holds, leases and
-backoffs, inject provider faults, and request returns.  After every step the
+backoffs, inject provider faults, let card holds lapse at Stripe, cancel orders
+(the customer and an operator) and request returns.  After every step the
 doctor's invariants and the sandbox's effects must agree; at the end of each
 example the faults stop, the outbox drains, and every order has settled.
 
@@ -74,6 +75,7 @@ CRASH_POINTS = ("before_call", "after_call", "before_commit", "after_commit")
 STEPS_WITH_CALLS = (
     "charge_payment",
     "ship_order",
+    "capture_payment",
     "send_confirmation",
     "refund_payment",
     "create_return_label",
@@ -209,6 +211,30 @@ def test_stateful_saga(server_url: str, template_db: str, api_settings: Any, san
                 headers=order_headers(token(self.users[order_id])),
             )
             assert r.status_code in (202, 409), r.text
+
+        @precondition(lambda self: self.users)
+        @rule(pick=st.integers(0, 1000), operator=st.booleans())
+        def cancel(self, pick: int, operator: bool) -> None:
+            """The customer (or an operator) cancels: accepted until the shipment exists."""
+            order_id = list(self.users)[pick % len(self.users)]
+            if operator:
+                url, headers = f"/v1/admin/orders/{order_id}/cancel", auth(token(admin=True))
+            else:
+                url = f"/v1/orders/{order_id}/cancel"
+                headers = order_headers(token(self.users[order_id]))
+            r = self.client.post(url, headers=headers)
+            assert r.status_code in (202, 409), r.text
+            if r.status_code == 409:
+                assert r.json()["error"]["code"] == "not_cancellable", r.text
+            else:
+                assert r.json()["state"] in ("compensating", "cancelled"), r.text
+
+        @rule()
+        def holds_lapse(self) -> None:
+            """Every card hold not captured yet expires at Stripe (a week passes for them)."""
+            sandbox.config(hold_s=0)
+            sandbox.advance_clock(0)  # the sandbox sweeps what is due now
+            sandbox.config(hold_s=7 * 24 * 3600)
 
         @precondition(lambda self: self.users)
         @rule(pick=st.integers(0, 1000))

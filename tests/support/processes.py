@@ -25,9 +25,14 @@ DECLINED_CARD = "pm_card_chargeDeclined"
 
 
 def start_worker(
-    db_url: str, sandbox: Any, log_dir: Path, *extra: str, failpoints: str | None = None
+    db_url: str,
+    sandbox: Any,
+    log_dir: Path,
+    *extra: str,
+    failpoints: str | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DATABASE_URL": db_url, **sandbox.env()}
+    env = {**os.environ, "DATABASE_URL": db_url, **sandbox.env(), **(env_extra or {})}
     env.pop("ORDERFLOW_FAILPOINTS", None)
     if failpoints:
         env["ORDERFLOW_FAILPOINTS"] = failpoints
