@@ -512,6 +512,7 @@ OPERATIONS: tuple[Operation, ...] = (
         " capture refunded) and the stock put back, newest first",
         {
             202: (schemas.Order, "The cancel was accepted: the order is being undone"),
+            400: (E, "A missing or invalid Idempotency-Key"),
             404: (E, "No such order of the caller's"),
             409: (
                 E,

@@ -311,7 +311,13 @@ def find_intent(c: StepCall) -> IntentView | StepOutcome | None:
     if not live:
         return None
     # Money first: an intent that took or may take money wins over an idle one.
-    live.sort(key=lambda i: (i.status in payments.CAPTURED, i.status in payments.WAITING))
+    live.sort(
+        key=lambda i: (
+            i.status in payments.CAPTURED,
+            i.status in payments.HELD,
+            i.status in payments.WAITING,
+        )
+    )
     return live[-1]
 
 

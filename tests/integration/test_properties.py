@@ -28,7 +28,13 @@ EVENTS = st.one_of(
     st.sampled_from(
         [
             ("payment_captured", {}),
+            ("payment_authorized", {"intent_status": "requires_capture"}),
             ("payment_pending", {"intent_status": "requires_action"}),
+            ("customer_cancelled", {"reason": "customer_cancelled"}),
+            ("operator_cancelled", {"reason": "operator_cancelled"}),
+            ("hold_expiring", {}),
+            ("hold_lost", {}),
+            ("capture_failed", {}),
             ("payment_failed", {"code": "card_declined"}),
             ("dispute_opened", {"dispute_id": "dp_1"}),
             ("reservation_expired", {}),
@@ -57,7 +63,9 @@ class Oracle:
     done: set[str] = field(default_factory=lambda: {"reserve"})
     compensated: list[str] = field(default_factory=list)
     state_before_dead: str | None = None
+    parked_by: str | None = None
     captured: bool = False
+    authorized: bool = False
 
     def owed(self, done: set[str], compensated: list[str]) -> list[str]:
         pairs = [
@@ -73,7 +81,7 @@ class Oracle:
         """(next state, emitted steps), or None if the event must be refused."""
         done = set(self.done)
         compensated = list(self.compensated)
-        if event in ("payment_captured", "payment_pending"):
+        if event in ("payment_captured", "payment_pending", "payment_authorized"):
             done.add("charge")  # an intent that may take money needs undoing too
         if "ship_order" in detail.get("effects_done", []):
             done.add("ship")
@@ -96,6 +104,17 @@ class Oracle:
             cond = set(row.conditions)
             if "not_captured_yet" in cond and self.captured:
                 continue
+            if "not_authorized_yet" in cond and self.authorized:
+                continue
+            held = self.authorized and not self.captured
+            if "payment_held" in cond and not held:
+                continue
+            if "payment_taken" in cond and held:
+                continue
+            if "parked_for_its_hold" in cond and not (
+                self.parked_by == "hold_expiring" and self.state_before_dead == "paid"
+            ):
+                continue
             if "work_remains" in cond and not owed:
                 continue
             if "no_work_remains" in cond and owed:
@@ -113,16 +132,22 @@ class Oracle:
         return None
 
     def apply(self, event: str, detail: dict[str, Any], dest: str) -> None:
-        if event in ("payment_captured", "payment_pending"):
+        if event in ("payment_captured", "payment_pending", "payment_authorized"):
             self.done.add("charge")
         if event == "payment_captured":
             self.captured = True
+        if event == "payment_authorized":
+            self.authorized = True
         if event == "shipment_created" or "ship_order" in detail.get("effects_done", []):
             self.done.add("ship")
         if event == "compensation_done":
             self.compensated.append(detail["step"])
-        if event in ("step_dead_lettered", "dispute_opened") and dest != self.state:
+        if (
+            event in ("step_dead_lettered", "dispute_opened", "hold_expiring")
+            and dest != self.state
+        ):
             self.state_before_dead = self.state
+            self.parked_by = event
         self.state = dest
 
 
