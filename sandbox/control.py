@@ -88,6 +88,8 @@ async def set_config(request: Request) -> Response:
     if "expiry_check_s" in values and world.sweeper is not None:
         world.sweeper.cancel()  # the periodic check restarts at its new pace
         world.sweeper = None
+    if "hold_s" in values:
+        world.next_hold_expiry = 0.0  # every hold's expiry moved: look at them all again
     touch(world)
     return JSONResponse(world.config.as_json())
 

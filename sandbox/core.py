@@ -255,6 +255,9 @@ class World:
     refunds: dict[str, Refund] = field(default_factory=dict)
     disputes: dict[str, JSON] = field(default_factory=dict)
     holds: set[str] = field(default_factory=set)  # requires_capture intents
+    # When the soonest hold expires (sandbox clock): a sweep looks at the holds
+    # only then, not at thousands of them on every request.
+    next_hold_expiry: float = 0.0
     processing: set[str] = field(default_factory=set)  # bank debits not settled yet
     pending_refunds: set[str] = field(default_factory=set)
     shipments: dict[str, JSON] = field(default_factory=dict)

@@ -397,6 +397,9 @@ def _authorize(world: World, intent: Intent, effect_key: str | None, event_key: 
         d["status"] = "requires_capture"
         d["amount_capturable"] = d["amount"]
         world.holds.add(intent.id)
+        world.next_hold_expiry = min(
+            world.next_hold_expiry, charge.created_at + world.config.hold_s
+        )
         world.effect("authorization", intent.order_id, effect_key, d["amount"], intent.id)
         _changed(world, intent, "payment_intent.amount_capturable_updated", event_key)
     else:
@@ -528,10 +531,16 @@ def check_expiry(world: World, intent: Intent) -> None:
 def sweep(world: World) -> None:
     """Whatever is due now: expired holds, settled bank debits, settled refunds."""
     now = world.now()
-    for intent_id in list(world.holds):
-        intent = world.intents[intent_id]
-        if not intent.lock.locked():  # the holder looks at it itself
-            check_expiry(world, intent)
+    if world.holds and now >= world.next_hold_expiry:
+        soonest = float("inf")
+        for intent_id in list(world.holds):
+            intent = world.intents[intent_id]
+            if not intent.lock.locked():  # the holder looks at it itself
+                check_expiry(world, intent)
+            if intent_id in world.holds:
+                charge = world.charges[intent.data["latest_charge"]]
+                soonest = min(soonest, charge.created_at + world.config.hold_s)
+        world.next_hold_expiry = soonest
     for intent_id in list(world.processing):
         intent = world.intents[intent_id]
         if not intent.lock.locked() and intent.settle_at is not None and now >= intent.settle_at:
