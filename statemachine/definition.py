@@ -162,7 +162,9 @@ STEPS: tuple[Step, ...] = (
         on_success="payment_captured",
         on_failure=OnFailure.COMPENSATE,
         failure_event="capture_failed",
-        retry=FORWARD_RETRY,
+        # The parcel exists: a Stripe outage must not cancel it after three tries.
+        # A refusal (the hold gone) fails at once; the hold's deadline is watched.
+        retry=PATIENT_RETRY,
         effectful=True,
     ),
     Step(

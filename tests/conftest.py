@@ -169,20 +169,14 @@ def providers(sandbox: Any) -> Iterator[Any]:
 
 @pytest.fixture()
 def worker(request: pytest.FixtureRequest, db_url: str, providers: Any) -> Iterator[Any]:
-    """A worker on the test's database; a module that sets CAPTURE = "immediate"
-    pins the capture policy its tests were written for (default: at_shipment)."""
-    from orderflow.outbox_worker.runner import Worker
-    from orderflow.outbox_worker.steps import StepSettings
+    """A worker on the test's database.  Its capture policy (default at_shipment) is
+    the test's `capture` parameter, or the module's CAPTURE (the policy its tests
+    were written for)."""
+    from tests.support.helpers import new_worker
 
-    capture = getattr(request.module, "CAPTURE", "at_shipment")
-    w = Worker(
-        db_url,
-        providers,
-        concurrency=4,
-        lease_s=5,
-        backoff_scale=0.01,
-        steps=StepSettings(capture=capture),
-    )
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    capture = params.get("capture") or getattr(request.module, "CAPTURE", "at_shipment")
+    w = new_worker(db_url, providers, capture)
     yield w
     w.close()
 

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from orderflow.outbox_worker.runner import Worker
-from orderflow.outbox_worker.steps import StepSettings
 from orderflow.statemachine.engine import advance
 from tests.support.helpers import place
 from tests.support.processes import start_worker
@@ -100,33 +99,7 @@ def _wait_state(conn: Any, order_id: str, wanted: str, proc: subprocess.Popen[by
 def test_worker_dies_at_failpoint(
     db_url: str,
     conn: Any,
-    providers: Any,
-    sandbox: Any,
-    tmp_path: Path,
-    step: str,
-    point: str,
-    path: str,
-    final: str,
-    capture: str,
-) -> None:
-    worker = Worker(
-        db_url,
-        providers,
-        concurrency=4,
-        lease_s=5,
-        backoff_scale=0.01,
-        steps=StepSettings(capture=capture),
-    )
-    try:
-        _sweep_one(db_url, conn, worker, sandbox, tmp_path, step, point, path, final, capture)
-    finally:
-        worker.close()
-
-
-def _sweep_one(
-    db_url: str,
-    conn: Any,
-    worker: Worker,
+    worker: Worker,  # with the case's capture policy (conftest)
     sandbox: Any,
     tmp_path: Path,
     step: str,

@@ -22,7 +22,6 @@ import pytest
 import stripe
 
 from orderflow.outbox_worker.runner import Worker
-from orderflow.outbox_worker.steps import StepSettings
 from orderflow.services.doctor import run_checks
 from orderflow.services.service import NotCancellable, cancel_order
 from orderflow.sql.db import connect
@@ -36,7 +35,7 @@ from tests.integration.test_payments import (
     webhook_api,  # noqa: F401  (a fixture)
 )
 from tests.support.api_helpers import auth, order_headers, token
-from tests.support.helpers import place
+from tests.support.helpers import new_worker, place
 from tests.support.sandbox_client import check_invariants, drain, states
 
 THREE_DS = "pm_card_authenticationRequired"
@@ -46,20 +45,9 @@ def _kinds(effects: list[dict[str, Any]]) -> list[str]:
     return [e["kind"] for e in effects]
 
 
-def _worker(db_url: str, providers: Any, capture: str = "at_shipment") -> Worker:
-    return Worker(
-        db_url,
-        providers,
-        concurrency=4,
-        lease_s=5,
-        backoff_scale=0.01,
-        steps=StepSettings(capture=capture),
-    )
-
-
 @pytest.fixture()
 def immediate_worker(db_url: str, providers: Any) -> Iterator[Worker]:
-    w = _worker(db_url, providers, "immediate")
+    w = new_worker(db_url, providers, "immediate")
     yield w
     w.close()
 
@@ -283,45 +271,40 @@ def test_a_cancel_before_shipment_undoes_what_happened(
     capture: str,
     method: str,
     effects: list[str],
-    db_url: str,
     conn: Any,
-    providers: Any,
+    worker: Worker,  # with the case's capture policy (conftest)
     sandbox: Any,
     client: Any,
 ) -> None:
-    worker = _worker(db_url, providers, capture)
-    try:
-        user = uuid.uuid4()
-        before = _available(conn, "MUG-01")
-        order = place(conn, user_id=user, payment_method=method)
-        if where != "reserved":
-            run_until(worker, conn, order.id, where)
-        headers = order_headers(token(user), "cancel-1")
-        answer = client.post(f"/v1/orders/{order.id}/cancel", headers=headers)
-        assert answer.status_code == 202, answer.text
-        assert (answer.json()["id"], answer.json()["state"]) == (order.id, "compensating")
-        drain(worker, conn)
-        assert states(conn)[order.id] == "cancelled"
-        assert _kinds(sandbox.effects(order_id=order.id)) == effects
-        assert _available(conn, "MUG-01") == before
-        entered = conn.execute(
-            "SELECT from_state, detail FROM order_history WHERE order_id = %s"
-            " AND event = 'customer_cancelled'",
-            (order.id,),
-        ).fetchall()
-        assert [(r["from_state"], r["detail"]["reason"]) for r in entered] == [
-            (where, "customer_cancelled")
-        ]
-        # the same key again: the first answer, and nothing more happens
-        again = client.post(f"/v1/orders/{order.id}/cancel", headers=headers)
-        assert (again.status_code, again.json()) == (202, answer.json())
-        assert again.headers.get("Idempotent-Replayed") == "true"
-        # someone else's order does not exist for them
-        other = client.post(f"/v1/orders/{order.id}/cancel", headers=order_headers(token()))
-        assert other.status_code == 404
-        check_invariants(conn, sandbox.effects())
-    finally:
-        worker.close()
+    user = uuid.uuid4()
+    before = _available(conn, "MUG-01")
+    order = place(conn, user_id=user, payment_method=method)
+    if where != "reserved":
+        run_until(worker, conn, order.id, where)
+    headers = order_headers(token(user), "cancel-1")
+    answer = client.post(f"/v1/orders/{order.id}/cancel", headers=headers)
+    assert answer.status_code == 202, answer.text
+    assert (answer.json()["id"], answer.json()["state"]) == (order.id, "compensating")
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    assert _kinds(sandbox.effects(order_id=order.id)) == effects
+    assert _available(conn, "MUG-01") == before
+    entered = conn.execute(
+        "SELECT from_state, detail FROM order_history WHERE order_id = %s"
+        " AND event = 'customer_cancelled'",
+        (order.id,),
+    ).fetchall()
+    assert [(r["from_state"], r["detail"]["reason"]) for r in entered] == [
+        (where, "customer_cancelled")
+    ]
+    # the same key again: the first answer, and nothing more happens
+    again = client.post(f"/v1/orders/{order.id}/cancel", headers=headers)
+    assert (again.status_code, again.json()) == (202, answer.json())
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    # someone else's order does not exist for them
+    other = client.post(f"/v1/orders/{order.id}/cancel", headers=order_headers(token()))
+    assert other.status_code == 404
+    check_invariants(conn, sandbox.effects())
 
 
 @pytest.mark.parametrize("state", ["shipped", "confirmed"])

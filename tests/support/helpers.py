@@ -75,3 +75,18 @@ def state_of(conn: psycopg.Connection[Any], order_id: str) -> str:
     row = conn.execute("SELECT state FROM orders WHERE id = %s", (order_id,)).fetchone()
     assert row is not None
     return str(row["state"])
+
+
+def new_worker(db_url: str, providers: Any, capture: str = "at_shipment") -> Any:
+    """The tests' in-process worker: 4 calls in flight, short leases, fast backoff."""
+    from orderflow.outbox_worker.runner import Worker
+    from orderflow.outbox_worker.steps import StepSettings
+
+    return Worker(
+        db_url,
+        providers,
+        concurrency=4,
+        lease_s=5,
+        backoff_scale=0.01,
+        steps=StepSettings(capture=capture),
+    )
