@@ -50,6 +50,7 @@ class OrderDetail:
     outbox: list[dict[str, Any]]
     payments: list[dict[str, Any]]
     shipments: list[dict[str, Any]]
+    intent: dict[str, Any] | None = None  # the PaymentIntent as last seen
 
 
 # Holds this close to Stripe's capture_before are flagged (the worker acts at
@@ -130,6 +131,7 @@ def order_detail(conn: psycopg.Connection[Any], order_id: str) -> OrderDetail | 
         outbox=conn.execute(QUERIES["order_outbox"], params).fetchall(),
         payments=conn.execute(QUERIES["dashboard_order_payments"], params).fetchall(),
         shipments=conn.execute(QUERIES["dashboard_order_shipments"], params).fetchall(),
+        intent=conn.execute(QUERIES["dashboard_order_intent"], params).fetchone(),
     )
 
 

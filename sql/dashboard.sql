@@ -87,6 +87,13 @@ SELECT sku, qty, unit_price_cents
  WHERE order_id = %(order_id)s
  ORDER BY sku;
 
+-- dashboard_order_intent --
+-- One order's PaymentIntent as Stripe last reported it: held (capture at shipment) or captured, and by when a hold must be captured
+SELECT id, status, amount_cents, amount_capturable_cents, amount_received_cents, currency,
+       held_at, capture_before, last_error_code, updated_at
+  FROM payment_intents
+ WHERE order_id = %(order_id)s;
+
 -- dashboard_order_payments --
 -- One order's payment records (charges and refunds) with the provider's references
 SELECT kind, status, provider_ref, amount_cents, currency, idempotency_key, failure_code,

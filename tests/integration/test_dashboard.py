@@ -128,6 +128,8 @@ def test_overview_shows_money_held_and_captured_holds_near_expiry_and_cancellati
     )
     html = client.get("/").text
     assert re.search(r'id="holds-near-expiry-total">1<', html)
+    page = client.get(f"/orders/{held.id}").text
+    assert re.search(r'data-status="requires_capture">.*<b>held</b> 12\.00 EUR', page, re.S)
     assert held.id in html.split('id="holds-near-expiry"')[1].split("</table>")[0]
 
 
@@ -179,6 +181,8 @@ def test_order_page_has_timeline_outbox_and_references(
     ).fetchone()
     assert charge["provider_ref"] in html
     assert shipment["carrier_ref"] in html and shipment["tracking_number"] in html
+    # the PaymentIntent: held at checkout, captured at shipment
+    assert re.search(r'id="intent" data-status="succeeded">.*captured 12\.00 EUR', html, re.S)
 
 
 def test_order_page_of_a_dead_letter_offers_the_redrive(client: TestClient, saga: Saga) -> None:
