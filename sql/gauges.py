@@ -1,5 +1,5 @@
 """The database gauges of /metrics: outbox rows and their age by step and status,
-read at most once a second from the process's own pool."""
+card holds not captured yet, read at most once a second from the process's own pool."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class DatabaseGauges(Collector):
         self._at = 0.0
         self._orders: list[dict[str, Any]] = []
         self._outbox: list[dict[str, Any]] = []
+        self._holds: list[dict[str, Any]] = []
         self._up = 0.0
 
     def _refresh(self) -> None:
@@ -35,6 +36,7 @@ class DatabaseGauges(Collector):
                 with self._connect() as conn:
                     self._orders = list(conn.execute(QUERIES["metrics_orders_by_state"]))
                     self._outbox = list(conn.execute(QUERIES["metrics_outbox"]))
+                    self._holds = list(conn.execute(QUERIES["metrics_holds"]))
                 self._up = 1.0
                 self._at = time.monotonic()  # only a good read is cached
             except Exception:
@@ -65,6 +67,26 @@ class DatabaseGauges(Collector):
             oldest.add_metric([row["step"], row["status"]], float(row["oldest_s"] or 0))
         yield rows
         yield oldest
+        # Capture at shipment: money held, and how close the soonest hold is to its
+        # deadline (alert well before ORDERFLOW_HOLD_MARGIN_S, when the worker acts).
+        holds = GaugeMetricFamily(
+            "orderflow_payment_holds", "Card payments held, not captured yet", labels=["currency"]
+        )
+        held = GaugeMetricFamily(
+            "orderflow_payment_held_cents", "Money held, not captured yet", labels=["currency"]
+        )
+        soonest = GaugeMetricFamily(
+            "orderflow_payment_hold_soonest_expiry_seconds",
+            "Seconds before the soonest hold must be captured (capture_before)",
+            labels=["currency"],
+        )
+        for row in self._holds:
+            holds.add_metric([row["currency"]], float(row["n"]))
+            held.add_metric([row["currency"]], float(row["held_cents"] or 0))
+            soonest.add_metric([row["currency"]], float(row["soonest_s"] or 0))
+        yield holds
+        yield held
+        yield soonest
 
 
 _gauges: DatabaseGauges | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -510,9 +511,23 @@ def test_psycopg_error_is_not_a_traceback_or_5xx_for_bad_input(client: Any, db_u
 
 def test_metrics(client: Any, db_url: str) -> None:
     tok = token()
-    _place(client, tok, new_cart(client, tok))
+    order = _place(client, tok, new_cart(client, tok)).json()
     client.get("/v1/orders/01ZZZZZZZZZZZZZZZZZZZZZZZZ", headers=auth(tok))
+    with connect(db_url) as conn:  # its card held, to be captured within the hour
+        conn.execute(
+            "INSERT INTO payment_intents (order_id, id, status, amount_cents,"
+            " amount_capturable_cents, currency, held_at, capture_before)"
+            " VALUES (%s, 'pi_held', 'requires_capture', %s, %s, 'EUR', now(),"
+            " now() + interval '1 hour')",
+            (order["id"], order["total_cents"], order["total_cents"]),
+        )
     text = client.get("/metrics").text
+    assert 'orderflow_payment_holds{currency="EUR"} 1.0' in text
+    assert f'orderflow_payment_held_cents{{currency="EUR"}} {float(order["total_cents"])}' in text
+    soonest = re.search(
+        r'orderflow_payment_hold_soonest_expiry_seconds\{currency="EUR"\} ([0-9.e+]+)', text
+    )
+    assert soonest and 3000 < float(soonest[1]) <= 3600
     assert 'orderflow_orders{state="reserved"} 1.0' in text
     assert 'orderflow_outbox_rows{status="pending",step="charge_payment"} 1.0' in text
     assert 'route="/v1/orders",status="201"' in text
