@@ -64,8 +64,8 @@ def out_of_order_compensations(events: list[str], steps: list[str]) -> bool:
     for event, step in zip(events, steps, strict=True):
         if event in ENTERING_COMPENSATION:
             entered = True
-        elif event == "payment_captured" and entered:
-            late_capture = True
+        elif event in ("payment_captured", "payment_authorized") and entered:
+            late_capture = True  # a late capture, or a late hold (released the same way)
         elif event == "compensation_done" and step in COMPENSATION_ORDER:
             if late_capture and step == "refund_payment":
                 continue

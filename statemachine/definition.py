@@ -432,6 +432,16 @@ TRANSITIONS: tuple[Transition, ...] = (
         conditions=("payment_taken",),
     ),
     Transition("shipment_failed", S.PAID, S.COMPENSATING, (NEXT_COMPENSATION,)),
+    # The ship step's call was in flight when the order was parked for its hold:
+    # the parcel exists, so the order goes on and its hold is captured at once.
+    Transition(
+        "shipment_created",
+        S.NEEDS_ATTENTION,
+        S.SHIPPED,
+        ("capture_payment",),
+        conditions=("parked_for_its_hold",),
+        note="shipped while parked for its hold",
+    ),
     # The hold was released at Stripe (cancelled, or it lapsed) before the parcel
     # shipped: nothing is left to take, so the order is undone.
     Transition("hold_lost", S.PAID, S.COMPENSATING, (NEXT_COMPENSATION,)),

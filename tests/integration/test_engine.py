@@ -136,6 +136,8 @@ CASES: list[tuple[list[Ev], Ev, str, str, list[str]]] = [
     ([PA, SC], ("capture_failed", {}), "shipped", "compensating", ["cancel_shipment"]),
     ([PA], ("hold_lost", {}), "paid", "compensating", ["refund_payment"]),
     ([PA], HE, "paid", "needs_attention", []),
+    # parked while the ship step's call was in flight: the parcel exists, capture it
+    ([PA, HE], SC, "needs_attention", "shipped", ["capture_payment"]),
     ([EXPIRE], PA, "compensating", "compensating", []),
     ([*CANCELLED], PA, "cancelled", "compensating", ["refund_payment"]),
     ([EXPIRE, DEAD], PA, "needs_attention", "needs_attention", []),

@@ -132,9 +132,10 @@ def test_effect_then_a_stored_5xx_is_found_not_repeated(
     check_invariants(conn, sandbox.effects())
 
 
+@pytest.mark.parametrize("capture", ["immediate", "at_shipment"])
 @pytest.mark.parametrize("endpoint", ["payment_intents.create", "payment_intents.confirm"])
 def test_a_5xx_then_the_reservation_expires(
-    conn: Any, worker: Worker, sandbox: Any, endpoint: str
+    conn: Any, worker: Worker, sandbox: Any, endpoint: str, capture: str
 ) -> None:
     """The charge's answer is a stored 5xx and Stripe cannot be asked at once; the
     reservation expires before the retry.  A confirm that may have taken money
@@ -165,10 +166,14 @@ def test_a_5xx_then_the_reservation_expires(
     assert _available(conn, "MUG-01") == stock
     kinds = _kinds(sandbox.effects(order_id=order.id))
     assert kinds["charge"] == kinds["refund"]  # never money kept for a cancelled order
-    if endpoint == "payment_intents.confirm":
+    if endpoint == "payment_intents.confirm" and capture == "immediate":
         assert kinds == {"charge": 1, "refund": 1}
         events = _history(conn, order.id)
         assert events.index("payment_captured") < events.index("compensation_done")
+    elif endpoint == "payment_intents.confirm":  # the card was held: released, no refund
+        assert kinds == {"authorization": 1, "authorization_release": 1}
+        events = _history(conn, order.id)
+        assert events.index("payment_authorized") < events.index("compensation_done")
     check_invariants(conn, sandbox.effects())
 
 
