@@ -214,6 +214,48 @@ def test_a_hold_near_its_expiry_is_never_left_to_lapse(
     check_invariants(conn, sandbox.effects())
 
 
+def test_a_parcel_made_while_its_order_was_parked_for_its_hold_is_captured(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    """The sweep parks a paid order whose hold nears expiry while its ship call is in
+    flight: the parcel the carrier made is recorded, and the hold captured at once."""
+    # slow, but inside the provider timeout (1 s here)
+    sandbox.faults({"endpoint": "shipments.create", "mode": "latency", "latency_ms": 600})
+    order = place(conn)
+    run_until(worker, conn, order.id, "paid")
+    shipper = threading.Thread(target=worker.run_once)
+    shipper.start()
+    deadline = time.monotonic() + 10
+    while not conn.execute(
+        "SELECT 1 FROM outbox WHERE order_id = %s AND step = 'ship_order' AND status = 'in_flight'",
+        (order.id,),
+    ).fetchone():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    conn.execute(
+        "UPDATE payment_intents SET capture_before = now() + interval '1 hour' WHERE order_id = %s",
+        (order.id,),
+    )
+    assert worker.act_on_expiring_holds() == 1
+    assert states(conn)[order.id] == "needs_attention"
+    shipper.join()
+    assert states(conn)[order.id] == "shipped"
+    drain(worker, conn)
+    assert states(conn)[order.id] == "confirmed"
+    assert _kinds(sandbox.effects(order_id=order.id)) == [
+        "authorization",
+        "shipment",
+        "charge",
+        "email",
+    ]
+    assert _history(conn, order.id)[1:4] == [
+        "payment_authorized",
+        "hold_expiring",
+        "shipment_created",
+    ]
+    check_invariants(conn, sandbox.effects())
+
+
 def test_a_stored_5xx_after_the_capture_is_found_not_repeated(
     conn: Any, worker: Worker, sandbox: Any
 ) -> None:
