@@ -164,7 +164,9 @@ def call_step(
         return StepOutcome.operator(f"{row.lost_attempts} attempts ended without a result")
     if row.context["state"] == OrderState.NEEDS_ATTENTION:
         # The order waits for a person, who may send it back: so does the row.
-        return StepOutcome(Kind.WAIT, facts={"note": "waiting: the order needs attention"})
+        return StepOutcome(
+            Kind.WAIT, facts={"note": "waiting: the order needs attention"}, asked=False
+        )
     settle = _settles(spec, row)
     if settle and not row.unsettled:
         # Every earlier attempt ended in a definite "not done": nothing to find out,
@@ -248,6 +250,8 @@ def still_unsettled(row: ClaimedRow, outcome: StepOutcome) -> bool:
     """Is the row's outcome unknown after this attempt?  It is if this attempt's is,
     and it stays so until an attempt proves what the earlier ones did: a lookup
     that met a 429 or a refused connection proved nothing."""
+    if not outcome.asked:
+        return row.unsettled
     if outcome.kind == Kind.UNKNOWN:
         return True
     if outcome.kind in (Kind.DONE, Kind.FAILED, Kind.WAIT) or outcome.proven:

@@ -4,6 +4,7 @@ outcome, retry when, fail for good, or hand the row to an operator."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -47,6 +48,9 @@ class StepOutcome:
     # row whose outcome was unknown stays unknown, whatever this attempt met (a
     # 429 on the lookup proves nothing).
     proven: bool = False
+    # The row waited without asking the provider anything (its order is with an
+    # operator): what earlier attempts left unknown stays unknown.
+    asked: bool = True
 
     @classmethod
     def done(cls, event: str | None = None, **facts: Any) -> StepOutcome:
@@ -83,18 +87,7 @@ class StepOutcome:
         return cls(Kind.OPERATOR, error=error)
 
     def remember(self, **memory: Any) -> StepOutcome:
-        return StepOutcome(
-            self.kind,
-            self.event,
-            self.facts,
-            {**self.memory, **memory},
-            self.error,
-            self.retry_after_s,
-            self.quiet,
-            self.silent,
-            self.unreadable,
-            self.proven,
-        )
+        return dataclasses.replace(self, memory={**self.memory, **memory})
 
 
 @dataclass(frozen=True)

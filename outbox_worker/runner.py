@@ -251,22 +251,35 @@ class Worker:
         operator (`hold_expiring`), who re-drives or cancels it."""
         acted = 0
         margin_s = self.config.steps.hold_margin_s
-        with (
-            self.pool.connection() as conn,
-            conn.cursor(row_factory=dict_row) as cur,
-            conn.transaction(),
-        ):
-            cur.execute(QUERIES["holds_near_expiry"], {"margin_s": margin_s, "limit": limit})
-            for row in cur.fetchall():
-                if row["state"] == OrderState.SHIPPED:
-                    hurried = conn.execute(QUERIES["hurry_capture"], {"order_id": row["id"]})
-                    acted += len(hurried.fetchall())
-                    continue
-                detail = {"capture_before": row["capture_before"].isoformat()}
-                with contextlib.suppress(IllegalTransition):
-                    advance(conn, row["id"], "hold_expiring", detail)
-                    acted += 1
-        return acted
+        after: tuple[Any, str] = ("-infinity", "")
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            while True:  # every due hold, a batch per transaction
+                with conn.transaction():
+                    cur.execute(
+                        QUERIES["holds_near_expiry"],
+                        {
+                            "margin_s": margin_s,
+                            "limit": limit,
+                            "after_before": after[0],
+                            "after_id": after[1],
+                        },
+                    )
+                    rows = cur.fetchall()
+                    for row in rows:
+                        acted += self._act_on_hold(conn, row)
+                if len(rows) < limit:
+                    return acted
+                after = (rows[-1]["capture_before"], rows[-1]["id"])
+
+    def _act_on_hold(self, conn: psycopg.Connection[Any], row: dict[str, Any]) -> int:
+        if row["state"] == OrderState.SHIPPED:
+            return len(conn.execute(QUERIES["hurry_capture"], {"order_id": row["id"]}).fetchall())
+        detail = {"capture_before": row["capture_before"].isoformat()}
+        try:
+            advance(conn, row["id"], "hold_expiring", detail)
+        except IllegalTransition:
+            return 0
+        return 1
 
     def housekeeping(self) -> None:
         self.expire_reservations()

@@ -608,6 +608,16 @@ class CapturePayment(Step):
     batches = True
 
     def run(self, c: StepCall) -> StepOutcome:
+        outcome = self._capture(c)
+        if outcome.kind == Kind.TRANSIENT:
+            # Definitely not captured (never sent, or Stripe shows the hold still
+            # there), but the parcel exists: an outage must not cancel it.  Tried
+            # again with backoff for as long as the hold lasts; a lapsed hold is
+            # `canceled` at Stripe and fails the capture then.
+            return dataclasses.replace(outcome, kind=Kind.WAIT)
+        return outcome
+
+    def _capture(self, c: StepCall) -> StepOutcome:
         intent_id = c.order.get("payment_intent_id")
         if not intent_id:
             return StepOutcome.operator("no PaymentIntent recorded for a held payment")
@@ -631,7 +641,16 @@ class CapturePayment(Step):
             if embedded is not None and not embedded.held:
                 return self._report(c, embedded)  # captured already, or the hold is gone
             code = reply.body.get("decline_code") or reply.code
-            return StepOutcome.failed(f"capture refused ({reply.status} {code}): {reply.message}")
+            error = f"capture refused ({reply.status} {code}): {reply.message}"
+            if reply.status == 402:  # the card: a definite no
+                return StepOutcome.failed(error)
+            # Anything else (a 400 or 404 we did not expect): Stripe says how the
+            # intent stands; a hold still there is a person's matter, never a
+            # reason to cancel a parcel.
+            look = _intent(stripe.retrieve_intent(intent_id))
+            if look is not None and not look.held:
+                return self._report(c, look)
+            return StepOutcome.operator(error)
         if isinstance(reply, Ok | Unknown):
             unknown = reply if isinstance(reply, Unknown) else unreadable("unreadable")
             look = _intent(stripe.retrieve_intent(intent_id))

@@ -162,7 +162,7 @@ SELECT o.id
    FOR UPDATE OF o SKIP LOCKED;
 
 -- holds_near_expiry --
--- Orders still going forward whose card hold must be captured within the margin (Stripe's capture_before, else 7 days from the hold), soonest first (locked, skipping ones being worked on)
+-- Orders still going forward whose card hold must be captured within the margin (Stripe's capture_before, else 7 days from the hold), soonest first, after a keyset cursor (locked, skipping ones being worked on)
 SELECT o.id, o.state,
        COALESCE(pi.capture_before, pi.held_at + interval '7 days') AS capture_before
   FROM payment_intents pi
@@ -171,16 +171,18 @@ SELECT o.id, o.state,
    AND o.state IN ('paid', 'shipped')
    AND COALESCE(pi.capture_before, pi.held_at + interval '7 days')
        <= now() + make_interval(secs => %(margin_s)s)
- ORDER BY 3
+   AND (COALESCE(pi.capture_before, pi.held_at + interval '7 days'), o.id)
+       > (%(after_before)s::timestamptz, %(after_id)s::text)
+ ORDER BY 3, o.id
  LIMIT %(limit)s
    FOR UPDATE OF o SKIP LOCKED;
 
 -- hurry_capture --
--- Make a shipped order's pending capture due now (its hold is close to expiry)
+-- Make a shipped order's pending capture due now, once (its hold is close to expiry; afterwards its own backoff holds)
 UPDATE outbox
-   SET available_at = now()
+   SET available_at = now(), payload = payload || '{"hurried": true}'::jsonb
  WHERE order_id = %(order_id)s AND step = 'capture_payment' AND status = 'pending'
-   AND available_at > now()
+   AND available_at > now() AND NOT payload ? 'hurried'
 RETURNING id;
 
 -- purge_idempotency_keys --

@@ -271,6 +271,56 @@ def test_a_stored_5xx_after_the_capture_is_found_not_repeated(
     check_invariants(conn, sandbox.effects())
 
 
+def test_a_stripe_outage_at_capture_never_cancels_the_parcel(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    """Twelve captures answered 500 (nothing captured, the hold still there): more
+    than any attempt limit.  The capture waits it out; the parcel stays shipped."""
+    sandbox.faults(
+        {"endpoint": "payment_intents.capture", "mode": "error", "status": 500, "count": 12}
+    )
+    order = place(conn)
+    drain(worker, conn, timeout_s=60)
+    assert sandbox.injected().get("error") == 12
+    assert states(conn)[order.id] == "confirmed"
+    kinds = _kinds(sandbox.effects(order_id=order.id))
+    assert kinds == ["authorization", "shipment", "charge", "email"]
+    check_invariants(conn, sandbox.effects())
+
+
+def test_a_parked_order_keeps_an_unknown_shipment_unknown(
+    conn: Any, worker: Worker, sandbox: Any
+) -> None:
+    """The carrier's answer is lost (the label may exist); the order is parked for its
+    hold before the step asks again.  Waiting with the operator must not forget that
+    the outcome is unknown: the cancel then finds the label and cancels it."""
+    sandbox.faults(
+        {"endpoint": "shipments.create", "mode": "timeout_after_success", "hang_s": 1.5,
+         "count": 1},
+    )  # fmt: skip
+    order = place(conn)
+    run_until(worker, conn, order.id, "paid")
+    worker.run_once()  # the label is bought, the answer lost: unknown
+    conn.execute(
+        "UPDATE payment_intents SET capture_before = now() + interval '1 hour' WHERE order_id = %s",
+        (order.id,),
+    )
+    conn.execute("UPDATE outbox SET available_at = now() WHERE order_id = %s", (order.id,))
+    worker.run_once()  # parked for its hold; the ship row waits with it
+    assert states(conn)[order.id] == "needs_attention"
+    row = conn.execute(
+        "SELECT payload FROM outbox WHERE order_id = %s AND step = 'ship_order'", (order.id,)
+    ).fetchone()
+    assert row["payload"]["unsettled"] is True
+    cancel_order(conn, order_id=order.id, user_id=None)
+    drain(worker, conn)
+    assert states(conn)[order.id] == "cancelled"
+    kinds = _kinds(sandbox.effects(order_id=order.id))
+    assert kinds.count("shipment") == kinds.count("shipment_cancel") == 1
+    assert "charge" not in kinds
+    check_invariants(conn, sandbox.effects())
+
+
 # ---------------------------------------------------------------- immediate
 
 
