@@ -248,7 +248,8 @@ class Worker:
     def act_on_expiring_holds(self, limit: int = 100) -> int:
         """A card hold close to its capture_before is never left to lapse: a shipped
         order's capture is made due now; an order not shipped yet goes to an
-        operator (`hold_expiring`), who re-drives or cancels it."""
+        operator (`hold_expiring`), who cancels it (only the customer can
+        authorize again)."""
         acted = 0
         margin_s = self.config.steps.hold_margin_s
         after: tuple[Any, str] = ("-infinity", "")

@@ -163,17 +163,16 @@ SELECT o.id
 
 -- holds_near_expiry --
 -- Orders still going forward whose card hold must be captured within the margin (Stripe's capture_before, else 7 days from the hold), soonest first, after a keyset cursor (locked, skipping ones being worked on)
-SELECT o.id, o.state,
-       COALESCE(pi.capture_before, pi.held_at + interval '7 days') AS capture_before
+SELECT o.id, o.state, d.capture_before
   FROM payment_intents pi
   JOIN orders o ON o.id = pi.order_id
+ CROSS JOIN LATERAL (
+       SELECT COALESCE(pi.capture_before, pi.held_at + interval '7 days') AS capture_before) d
  WHERE pi.status = 'requires_capture'
    AND o.state IN ('paid', 'shipped')
-   AND COALESCE(pi.capture_before, pi.held_at + interval '7 days')
-       <= now() + make_interval(secs => %(margin_s)s)
-   AND (COALESCE(pi.capture_before, pi.held_at + interval '7 days'), o.id)
-       > (%(after_before)s::timestamptz, %(after_id)s::text)
- ORDER BY 3, o.id
+   AND d.capture_before <= now() + make_interval(secs => %(margin_s)s)
+   AND (d.capture_before, o.id) > (%(after_before)s::timestamptz, %(after_id)s::text)
+ ORDER BY d.capture_before, o.id
  LIMIT %(limit)s
    FOR UPDATE OF o SKIP LOCKED;
 

@@ -59,12 +59,10 @@ SELECT step, status, count(*) AS n,
  GROUP BY step, status;
 
 -- metrics_holds --
--- Card payments held and not captured yet, per currency: how many, how much, and the seconds left before the soonest must be captured (Stripe's capture_before, else 7 days from the hold)
-SELECT currency, count(*) AS n, sum(amount_capturable_cents) AS held_cents,
-       EXTRACT(EPOCH FROM min(COALESCE(capture_before, held_at + interval '7 days')) - now())
-           AS soonest_s
-  FROM payment_intents
- WHERE status = 'requires_capture'
+-- Card payments held and not captured yet, per currency: how many, how much, and the seconds left before the soonest must be captured (reporting.holds)
+SELECT currency, count(*) AS n, sum(held_cents) AS held_cents,
+       EXTRACT(EPOCH FROM min(time_left)) AS soonest_s
+  FROM reporting.holds
  GROUP BY currency;
 
 -- refresh_funnel --
