@@ -438,3 +438,41 @@ dashboard_sessions = Table(
     _ts("expires_at", nullable=False),
     _ts("revoked_at"),
 )
+
+# Order events (CloudEvents 1.0), one per order_history row, written by the
+# history table's trigger in the transaction of the state change; a relay
+# publishes them to a broker (published_at) or GET /v1/events serves them.
+order_events = Table(
+    "order_events",
+    metadata,
+    # the keyset of the feed is (txid, position): txid is the writing transaction's
+    # id (xid8 as a number), so a late commit never lands behind a served cursor
+    Column("position", BigInteger, Identity(always=True), primary_key=True),
+    Column("id", Text, nullable=False, unique=True),  # ULID, the CloudEvents id
+    Column("order_id", Text, nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("history_id", BigInteger, nullable=False, unique=True),
+    Column("type", Text, nullable=False),
+    _ts("time", nullable=False),
+    Column("data", JSONB, nullable=False),
+    Column("txid", BigInteger, nullable=False),
+    _ts("published_at"),
+    CheckConstraint("sequence > 0", name="sequence_positive"),
+    CheckConstraint("type LIKE 'orderflow.order.%'", name="type_namespaced"),
+    UniqueConstraint("order_id", "sequence"),
+    Index(None, "txid", "position"),
+    Index("ix_order_events_unpublished", "position", postgresql_where=text("published_at IS NULL")),
+    Index(None, "time"),
+)
+
+# How far the retention purge has gone (one row): a feed cursor before it may
+# have missed purged events and answers 410.
+order_events_purged = Table(
+    "order_events_purged",
+    metadata,
+    Column("singleton", Integer, primary_key=True, server_default="1"),
+    Column("txid", BigInteger, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    _ts("purged_at", nullable=False, default_now=True),
+    CheckConstraint("singleton = 1", name="one_row"),
+)

@@ -1,5 +1,5 @@
 """The database gauges of /metrics: outbox rows and their age by step and status,
-card holds not captured yet, read at most once a second from the process's own pool."""
+card holds not captured yet, order events not yet published, read at most once a second from the process's own pool."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class DatabaseGauges(Collector):
         self._orders: list[dict[str, Any]] = []
         self._outbox: list[dict[str, Any]] = []
         self._holds: list[dict[str, Any]] = []
+        self._events: dict[str, Any] = {"pending": 0, "oldest_s": 0.0}
         self._up = 0.0
 
     def _refresh(self) -> None:
@@ -37,6 +38,7 @@ class DatabaseGauges(Collector):
                     self._orders = list(conn.execute(QUERIES["metrics_orders_by_state"]))
                     self._outbox = list(conn.execute(QUERIES["metrics_outbox"]))
                     self._holds = list(conn.execute(QUERIES["metrics_holds"]))
+                    self._events = conn.execute(QUERIES["metrics_events"]).fetchone()
                 self._up = 1.0
                 self._at = time.monotonic()  # only a good read is cached
             except Exception:
@@ -87,6 +89,18 @@ class DatabaseGauges(Collector):
         yield holds
         yield held
         yield soonest
+        # The events relay's backlog: with a broker it should stay near zero.
+        pending = GaugeMetricFamily(
+            "orderflow_events_pending", "Order events not yet published to the broker"
+        )
+        pending.add_metric([], float(self._events["pending"]))
+        yield pending
+        pending_age = GaugeMetricFamily(
+            "orderflow_events_oldest_pending_age_seconds",
+            "Age of the oldest order event not yet published",
+        )
+        pending_age.add_metric([], float(self._events["oldest_s"] or 0))
+        yield pending_age
 
 
 _gauges: DatabaseGauges | None = None

@@ -1,0 +1,69 @@
+"""The order events feed: `GET /v1/events?after=&limit=` reads it.
+
+A cursor is `<txid>-<position>` of the last event served: the feed is ordered by
+the writing transaction's id, then by position, and serves only transactions
+older than every one still running, so an event committed late always sorts
+after any cursor already handed out.  A cursor older than the retention purge's
+mark may have missed purged events: CursorGone (410) says so.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+
+from orderflow.sql import QUERIES
+
+CURSOR_RE = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+MAX_LIMIT = 1000
+
+
+class BadCursor(ValueError):
+    """`after` is not a cursor this feed handed out."""
+
+
+class CursorGone(Exception):
+    """Events after this cursor were purged (retention): start again without `after`."""
+
+
+def parse_cursor(after: str | None) -> tuple[int, int] | None:
+    if after is None:
+        return None
+    match = CURSOR_RE.match(after)
+    if not match:
+        raise BadCursor("after must be the `next` cursor of a previous page, <txid>-<position>")
+    txid, position = int(match.group(1)), int(match.group(2))
+    if txid > 2**63 - 1 or position > 2**63 - 1:
+        raise BadCursor("after is out of range")
+    return txid, position
+
+
+def format_cursor(txid: int, position: int) -> str:
+    return f"{txid}-{position}"
+
+
+def read_feed(conn: psycopg.Connection[Any], *, after: str | None, limit: int) -> dict[str, Any]:
+    """One page of events after the cursor, oldest first, and the cursor to continue from."""
+    start = parse_cursor(after)
+    with conn.transaction():
+        purged = conn.execute(QUERIES["event_feed_purged"]).fetchone()
+        if start is not None and purged is not None and start < (purged["txid"], purged["position"]):
+            raise CursorGone(after)
+        txid, position = start or (0, 0)
+        rows = conn.execute(
+            QUERIES["event_feed"],
+            {"after_txid": txid, "after_position": position, "limit": limit},
+        ).fetchall()
+    if rows:
+        txid, position = rows[-1]["txid"], rows[-1]["position"]
+    return {
+        "events": [r["envelope"] for r in rows],
+        "next": format_cursor(txid, position),
+    }
+
+
+def counts_by_type(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """How many events of each type are kept."""
+    return {r["type"]: int(r["n"]) for r in conn.execute(QUERIES["event_counts_by_type"])}

@@ -1,0 +1,211 @@
+"""Order events in Postgres: one CloudEvent per history row, in its transaction,
+whatever wrote the row; the feed's cursor never skips a late commit; the purge."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from orderflow.services import events as event_feed
+from orderflow.sql import QUERIES
+from orderflow.sql.db import connect
+from orderflow.statemachine.definition import TRANSITIONS
+from orderflow.statemachine.engine import advance
+from tests.support.helpers import place, state_of
+from tests.support.sandbox_client import drain
+
+PRIVATE_KEYS = {"shipping_address", "address", "email", "payment_method", "payment_method_id"}
+
+
+def events_of(conn: psycopg.Connection[Any], order_id: str) -> list[dict[str, Any]]:
+    return conn.execute(
+        "SELECT e.*, h.from_state, h.to_state, h.event AS history_event"
+        "  FROM order_events e JOIN order_history h ON h.id = e.history_id"
+        " WHERE e.order_id = %s ORDER BY e.sequence",
+        (order_id,),
+    ).fetchall()
+
+
+def _keys(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
+def test_every_history_row_of_a_saga_has_its_event(conn: Any, worker: Any) -> None:
+    confirmed = place(conn, [("MUG-01", 2)])
+    declined = place(conn, payment_method="pm_card_chargeDeclined")
+    drain(worker, conn)
+    assert state_of(conn, confirmed.id) == "confirmed"
+    assert state_of(conn, declined.id) == "cancelled"
+    for order in (confirmed, declined):
+        history = conn.execute(
+            "SELECT id, from_state, to_state, event FROM order_history"
+            " WHERE order_id = %s ORDER BY id",
+            (order.id,),
+        ).fetchall()
+        events = events_of(conn, order.id)
+        assert [e["history_id"] for e in events] == [h["id"] for h in history]
+        assert [e["sequence"] for e in events] == list(range(1, len(history) + 1))
+        assert events[0]["type"] == "orderflow.order.created"
+        for event in events[1:]:
+            assert event["type"] == f"orderflow.order.{event['to_state']}"
+        for event in events:
+            data = event["data"]
+            assert data["event"] == event["history_event"]
+            assert data["sequence"] == event["sequence"]
+            assert data["state"] == event["to_state"]
+            assert data["order_id"] == order.id and data["currency"] == "EUR"
+            assert data["lines"] and data["total_cents"] > 0
+            assert not _keys(data) & PRIVATE_KEYS, "an event carries private data"
+    shipped = [e for e in events_of(conn, confirmed.id) if e["to_state"] == "confirmed"]
+    assert shipped[0]["data"]["tracking_number"], "the tracking number is known once shipped"
+    assert events_of(conn, confirmed.id)[0]["data"]["lines"] == [
+        {"sku": "MUG-01", "qty": 2, "unit_price_cents": 1200}
+    ]
+    # the compensation's self-loop writes an event too
+    assert "compensation_done" in [e["history_event"] for e in events_of(conn, declined.id)]
+
+
+@pytest.mark.parametrize(
+    "transition",
+    [t for t in TRANSITIONS if t.source is not None],
+    ids=lambda t: f"{t.source}-{t.event}-{t.dest}",
+)
+def test_every_transition_of_the_table_emits_its_type(conn: Any, transition: Any) -> None:
+    order = place(conn)
+    with conn.transaction():
+        conn.execute("UPDATE orders SET state = %s WHERE id = %s", (transition.source, order.id))
+    before = len(events_of(conn, order.id))
+    moved = conn.execute(
+        QUERIES["transition_orders"],
+        {
+            "moves": Jsonb(
+                [
+                    {
+                        "order_id": order.id,
+                        "from_state": str(transition.source),
+                        "to_state": str(transition.dest),
+                        "event": transition.event,
+                        "detail": {},
+                        "steps": [],
+                    }
+                ]
+            )
+        },
+    ).fetchone()
+    assert moved["moved"] == 1
+    events = events_of(conn, order.id)
+    assert len(events) == before + 1
+    assert events[-1]["type"] == f"orderflow.order.{transition.dest}"
+    assert events[-1]["data"]["event"] == transition.event
+    assert events[-1]["data"]["previous_state"] == str(transition.source)
+
+
+def test_any_writer_of_history_writes_the_event_and_a_rollback_takes_both(conn: Any) -> None:
+    order = place(conn)
+    # an operator's psql, not the engine
+    conn.execute(
+        "INSERT INTO order_history (order_id, from_state, to_state, event)"
+        " VALUES (%s, 'reserved', 'reserved', 'operator_note')",
+        (order.id,),
+    )
+    assert [e["sequence"] for e in events_of(conn, order.id)] == [1, 2]
+    with pytest.raises(RuntimeError), conn.transaction():
+        advance(conn, order.id, "payment_captured", {"step": "charge_payment"})
+        assert len(events_of(conn, order.id)) == 3  # visible inside the transaction
+        raise RuntimeError("the commit failed")
+    assert state_of(conn, order.id) == "reserved"
+    assert len(events_of(conn, order.id)) == 2
+
+
+def _feed(conn: Any, after: str | None = None, limit: int = 100) -> dict[str, Any]:
+    return event_feed.read_feed(conn, after=after, limit=limit)
+
+
+def test_feed_never_serves_past_a_transaction_still_open(db_url: str, conn: Any) -> None:
+    early = place(conn)
+    page = _feed(conn)
+    assert [e["subject"] for e in page["events"]] == [early.id]
+    late_order = place(conn)
+    after_late = _feed(conn, after=page["next"])
+    assert [e["subject"] for e in after_late["events"]] == [late_order.id]
+    # A transaction that writes its event first but commits last.
+    with connect(db_url) as slow:
+        slow.execute("BEGIN")
+        slow.execute(
+            "INSERT INTO order_history (order_id, from_state, to_state, event)"
+            " VALUES (%s, 'reserved', 'reserved', 'slow_note')",
+            (late_order.id,),
+        )
+        third = place(conn)  # commits while `slow` is open
+        held = _feed(conn, after=after_late["next"])
+        # the committed third order is held back behind the open transaction
+        assert held["events"] == [] and held["next"] == after_late["next"]
+        slow.execute("COMMIT")
+    rest = _feed(conn, after=held["next"])
+    assert [(e["subject"], e["data"]["event"]) for e in rest["events"]] == [
+        (late_order.id, "slow_note"),
+        (third.id, "place"),
+    ]
+
+
+def test_feed_pages_in_order_and_answers_gone_after_a_purge(conn: Any) -> None:
+    orders = [place(conn) for _ in range(5)]
+    seen: list[str] = []
+    cursors: list[str] = []
+    cursor = None
+    while True:
+        page = _feed(conn, after=cursor, limit=2)
+        if not page["events"]:
+            break
+        seen += [e["subject"] for e in page["events"]]
+        cursor = page["next"]
+        cursors.append(cursor)
+    assert seen == [o.id for o in orders]
+    conn.execute("UPDATE order_events SET time = time - interval '10 days'"
+                 " WHERE order_id = ANY(%s)", ([o.id for o in orders[:3]],))  # fmt: skip
+    purged = conn.execute(
+        QUERIES["purge_events"], {"hours": 24, "published_only": False, "limit": 100}
+    ).fetchone()
+    assert purged["purged"] == 3
+    # a consumer that had read only the first two missed the third: 410
+    with pytest.raises(event_feed.CursorGone):
+        _feed(conn, after=cursors[0])
+    # one that had read past the purged ones missed nothing
+    assert [e["subject"] for e in _feed(conn, after=cursors[1])["events"]] == [orders[4].id]
+    assert _feed(conn, after=cursor)["events"] == []
+    # from the start: the kept ones
+    assert [e["subject"] for e in _feed(conn)["events"]] == [o.id for o in orders[3:]]
+    with pytest.raises(event_feed.BadCursor):
+        _feed(conn, after="yesterday")
+
+
+def test_published_only_purge_keeps_the_relays_backlog(conn: Any) -> None:
+    order = place(conn)
+    conn.execute("UPDATE order_events SET time = time - interval '10 days' WHERE order_id = %s",
+                 (order.id,))  # fmt: skip
+    purged = conn.execute(
+        QUERIES["purge_events"], {"hours": 24, "published_only": True, "limit": 100}
+    ).fetchone()
+    assert purged["purged"] == 0
+
+
+def test_envelope_is_cloudevents(conn: Any) -> None:
+    order = place(conn)
+    [event] = _feed(conn)["events"]
+    assert event["specversion"] == "1.0"
+    assert event["type"] == "orderflow.order.created"
+    assert event["subject"] == order.id
+    assert event["source"] == "/orderflow/orders"
+    assert len(event["id"]) == 26
+    assert event["datacontenttype"] == "application/json"
+    assert event["data"]["user_id"]
+    json.dumps(event)
+
