@@ -218,6 +218,22 @@ def _wait_for_database(attempt: Callable[[], None], stop: threading.Event) -> bo
         delay = min(delay * 2, 10.0)
 
 
+def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.events_url:
+        raise SettingsError(
+            "ORDERFLOW_EVENTS_URL is not set: events stay in Postgres, served by GET /v1/events"
+        )
+    from orderflow.outbox_worker.logs import configure
+    from orderflow.outbox_worker.relay import run_relay
+    from orderflow.sql.db import resolve_url
+
+    configure(args.log_level)
+    url = resolve_url(settings)
+    _migrate(url, settings)
+    run_relay(url, settings.events_url)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
@@ -248,6 +264,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         backoff_scale=settings.backoff_scale,
         report_refresh_s=settings.report_refresh_s,
         idempotency_retention_h=settings.idempotency_retention_h,
+        events_retention_h=settings.events_retention_h,
+        events_relayed=settings.events_url is not None,
         connection_options=connection_options(settings),
         refresh_timeout_ms=settings.refresh_timeout_ms,
         asyncio_steps=not args.threads,
@@ -506,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "relay", help="publish order events to the broker of ORDERFLOW_EVENTS_URL (NATS JetStream)"
+    )
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_relay)
 
     p = sub.add_parser("sandbox", help="serve the provider sandbox (Stripe, carrier, e-mail)")
     p.add_argument("--host", default="127.0.0.1")

@@ -35,7 +35,7 @@ from orderflow.app.http import (
     render,
 )
 from orderflow.metrics import REGISTRY
-from orderflow.services import service, webhooks
+from orderflow.services import events, service, webhooks
 from orderflow.services.idempotency import (
     Answer,
     IdempotentResult,
@@ -53,10 +53,11 @@ def _ctx(request: Request) -> AppContext:
     return ctx
 
 
-def _principal(request: Request, *, admin: bool = False) -> Principal:
+def _principal(request: Request, *, admin: bool = False, scope: str | None = None) -> Principal:
     """The caller of a customer route (a customer's token), or of an admin route (an
     operator's token: its own key and audience; a customer's token is refused
-    whatever its claims)."""
+    whatever its claims).  An operator's token carrying a `scope` claim is limited
+    to those scopes: it opens the routes of its scope (`scope=`) and no other."""
     settings = _ctx(request).settings
     if admin:
         if not settings.jwt_admin_secret:
@@ -67,7 +68,10 @@ def _principal(request: Request, *, admin: bool = False) -> Principal:
             settings.jwt_issuer,
             settings.jwt_leeway_s,
         )
-        return verify(request.headers.get("authorization"), key, admin=True)
+        principal = verify(request.headers.get("authorization"), key, admin=True)
+        if principal.scopes and (scope is None or scope not in principal.scopes):
+            raise ApiError(403, "forbidden", f"this token's scope does not open {request.url.path}")
+        return principal
     return authenticate(
         request.headers.get("authorization"),
         secret=settings.jwt_secret or "",
@@ -230,6 +234,33 @@ async def list_orders(request: Request) -> Response:
         cursor=params.get("cursor") or None,
     )
     return render(200, body)
+
+
+async def list_events(request: Request) -> Response:
+    _principal(request, admin=True, scope="events")
+    params = request.query_params
+    raw_limit = params.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= events.MAX_LIMIT:
+        raise ApiError(
+            422,
+            "validation_error",
+            "the request is invalid",
+            [{"field": "limit", "message": f"must be an integer from 1 to {events.MAX_LIMIT}"}],
+        )
+    try:
+        page = await _db(request, events.read_feed, after=params.get("after"), limit=int(raw_limit))
+    except events.BadCursor as exc:
+        raise ApiError(
+            422, "validation_error", "the request is invalid",
+            [{"field": "after", "message": str(exc)}],
+        ) from exc  # fmt: skip
+    except events.CursorGone as exc:
+        raise ApiError(
+            410, "cursor_gone",
+            "events after this cursor were purged (ORDERFLOW_EVENTS_RETENTION_H);"
+            " start again without `after`",
+        ) from exc  # fmt: skip
+    return render(200, page)
 
 
 async def request_return(request: Request) -> Response:
@@ -570,6 +601,37 @@ OPERATIONS: tuple[Operation, ...] = (
         body=schemas.StripeEvent,
         auth=False,
         tags=("webhooks",),
+    ),
+    Operation(
+        "GET",
+        "/v1/events",
+        list_events,
+        "listEvents",
+        "Order events (CloudEvents 1.0), oldest first after a cursor: every state change of"
+        " every order (an operator's token, or one with scope=events, signed with the admin"
+        " key). Served only once every older transaction has ended, so a cursor never skips"
+        " a late commit; at least once: deduplicate by id",
+        {
+            200: (schemas.EventPage, "A page of events and the cursor to continue from"),
+            401: (E, "Missing, invalid or expired bearer token"),
+            403: (E, "Not an operator's token, or its scope is not events"),
+            410: (E, "Events after this cursor were purged: start again without after"),
+            422: (E, "A bad limit or after"),
+            503: (E, "The database is unavailable; retry after Retry-After seconds"),
+        },
+        query=(
+            QueryParam(
+                "after",
+                {"type": "string", "pattern": "^[0-9]{1,19}-[0-9]{1,19}$"},
+                "The `next` cursor of the previous page (omit to start at the oldest kept)",
+            ),
+            QueryParam(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                "Events per page",
+            ),
+        ),
+        tags=("events",),
     ),
     Operation(
         "GET",

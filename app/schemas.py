@@ -237,3 +237,21 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class CloudEvent(BaseModel):
+    """An order event: CloudEvents 1.0, structured JSON."""
+
+    specversion: str
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: str
+    datacontenttype: str
+    data: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    events: list[CloudEvent]
+    next: str

@@ -76,6 +76,19 @@ def _method_types(value: str) -> str:
     return ",".join(types)
 
 
+# The brokers the events relay speaks; any other scheme stops the process at start.
+EVENT_BROKER_SCHEMES = ("nats",)
+
+
+def _events_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme in ("amqp", "amqps"):
+        raise ValueError("RabbitMQ (amqp://) is not implemented yet: use nats://host:4222")
+    if parts.scheme not in EVENT_BROKER_SCHEMES or not parts.hostname:
+        raise ValueError("must be a nats://host:port URL (NATS JetStream)")
+    return value
+
+
 def _failpoints(value: str) -> str:
     failpoints.parse(value)  # raises ValueError naming the bad entry
     return value
@@ -370,6 +383,24 @@ class Settings(BaseSettings):
         le=6 * 24 * 3600,
         shown="86400 (24 h)",
         bad=("-1", "a day", "1000000"),
+    )
+    # ---- order events
+    events_url: Annotated[str, AfterValidator(_events_url)] | None = _field(
+        None,
+        "ORDERFLOW_EVENTS_URL",
+        "the broker `orderflow relay` publishes order events to (`nats://host:4222`,"
+        " NATS JetStream; `?stream=NAME&prefix=P` name the stream and prefix the subjects)",
+        shown="unset: events stay in Postgres, served by `GET /v1/events`",
+        bad=("amqp://127.0.0.1:5672", "kafka://x:9092", "nats://"),
+    )
+    events_retention_h: int = _field(
+        168,
+        "ORDERFLOW_EVENTS_RETENTION_H",
+        "how long order events are kept (with a broker: once published; without one:"
+        " whether read or not)",
+        gt=0,
+        shown="168 (7 days)",
+        bad=("0", "a week"),
     )
     # ---- the worker
     backoff_scale: float = _field(

@@ -79,6 +79,8 @@ class Worker:
         idempotency_retention_h: int = 72,
         report_refresh_s: float = 60.0,
         outbox_retention_days: int = 7,
+        events_retention_h: int = 168,
+        events_relayed: bool = False,
         owner: str | None = None,
         steps: StepSettings | None = None,
         connection_options: str = "",
@@ -92,6 +94,9 @@ class Worker:
         self.housekeeping_s = housekeeping_s
         self.idempotency_retention_h = idempotency_retention_h
         self.outbox_retention_days = outbox_retention_days
+        self.events_retention_h = events_retention_h
+        # With a broker, an event is purged only once the relay published it.
+        self.events_relayed = events_relayed
         self.report_refresh_s = report_refresh_s
         self.refresh_timeout_ms = refresh_timeout_ms
         self.asyncio_steps = asyncio_steps
@@ -292,6 +297,14 @@ class Worker:
             )
             conn.execute(
                 QUERIES["purge_done_outbox"], {"days": self.outbox_retention_days, "limit": 1000}
+            )
+            conn.execute(
+                QUERIES["purge_events"],
+                {
+                    "hours": self.events_retention_h,
+                    "published_only": self.events_relayed,
+                    "limit": 1000,
+                },
             )
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             refresh(cur.connection, self.report_refresh_s, self.refresh_timeout_ms)

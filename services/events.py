@@ -49,7 +49,8 @@ def read_feed(conn: psycopg.Connection[Any], *, after: str | None, limit: int) -
     start = parse_cursor(after)
     with conn.transaction():
         purged = conn.execute(QUERIES["event_feed_purged"]).fetchone()
-        if start is not None and purged is not None and start < (purged["txid"], purged["position"]):
+        mark = (purged["txid"], purged["position"]) if purged else None
+        if start is not None and mark is not None and start < mark:
             raise CursorGone(after)
         txid, position = start or (0, 0)
         rows = conn.execute(

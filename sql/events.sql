@@ -70,3 +70,7 @@ SELECT type, count(*) AS n FROM order_events GROUP BY type ORDER BY type;
 -- Events not yet published and the age of the oldest, for the metrics gauges (reporting.event_backlog)
 SELECT pending, COALESCE(extract(epoch FROM oldest_pending_age), 0)::float8 AS oldest_s
   FROM reporting.event_backlog;
+
+-- listen_events --
+-- Wake the relay when events are written (the history trigger NOTIFYs this channel)
+LISTEN orderflow_events;

@@ -1,5 +1,6 @@
 """The database gauges of /metrics: outbox rows and their age by step and status,
-card holds not captured yet, order events not yet published, read at most once a second from the process's own pool."""
+card holds not captured yet, order events not yet published, read at most once a
+second from the process's own pool."""
 
 from __future__ import annotations
 

@@ -114,9 +114,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("position", name=op.f("pk_order_events")),
         sa.UniqueConstraint("id", name=op.f("uq_order_events_id")),
         sa.UniqueConstraint("history_id", name=op.f("uq_order_events_history_id")),
-        sa.UniqueConstraint(
-            "order_id", "sequence", name=op.f("uq_order_events_order_id_sequence")
-        ),
+        sa.UniqueConstraint("order_id", "sequence", name=op.f("uq_order_events_order_id_sequence")),
     )
     op.create_index(op.f("ix_order_events_txid_position"), "order_events", ["txid", "position"])
     op.create_index(op.f("ix_order_events_time"), "order_events", ["time"])

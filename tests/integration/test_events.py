@@ -208,4 +208,3 @@ def test_envelope_is_cloudevents(conn: Any) -> None:
     assert event["datacontenttype"] == "application/json"
     assert event["data"]["user_id"]
     json.dumps(event)
-

@@ -27,6 +27,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "orderflow.dashboard",
             "orderflow.sandbox",
             "orderflow.outbox_worker.runner",
+            "orderflow.outbox_worker.relay",
             "orderflow.outbox_worker.logs",
             "orderflow.migrations",
         ),
