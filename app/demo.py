@@ -126,6 +126,7 @@ def run_demo(
                 print()
                 for view in VIEWS:
                     print(render_table(view, fetch(conn, view)))
+            _events_by_type(api_url, token_for(uuid.uuid4(), admin=True))
             print(f"demo finished in {time.monotonic() - started:.1f} s")
             print(f"API docs:   {api_url}/docs")
             print(f"metrics:    {api_url}/metrics")
@@ -299,6 +300,26 @@ def _customer_cancel(
         f" at Stripe: {', '.join(kinds)}"
     )
     _faults(sandbox_url)
+
+
+def _events_by_type(api_url: str, admin_token: str) -> None:
+    """Read the whole event feed as a consumer does (no broker in the demo) and tally it."""
+    counts: dict[str, int] = {}
+    after: str | None = None
+    with httpx.Client(base_url=api_url, timeout=10) as http:
+        while True:
+            params = {"limit": "1000", **({"after": after} if after else {})}
+            page = http.get(
+                "/v1/events", params=params, headers={"Authorization": f"Bearer {admin_token}"}
+            ).json()
+            for event in page["events"]:
+                counts[event["type"]] = counts.get(event["type"], 0) + 1
+            if not page["events"]:
+                break
+            after = page["next"]
+    print(f"order events (GET /v1/events): {sum(counts.values())}")
+    for type_, n in sorted(counts.items()):
+        print(f"  {type_:<36} {n}")
 
 
 def _faults(sandbox_url: str, *rules: dict[str, Any]) -> None:

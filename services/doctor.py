@@ -197,6 +197,14 @@ def run_checks(
             "no confirmed order has an uncaptured hold",
             _ids(conn, "doctor_confirmed_holds", lambda r: r["order_id"]),
         ),
+        Check(
+            "every state change has its event, every event its state change",
+            _ids(
+                conn,
+                "doctor_events_match_history",
+                lambda r: f"{r['order_id']}#{r['history_id']} ({r['problem']})",
+            ),
+        ),
     ]
     if effects is not None:
         keys = Counter(e["idempotency_key"] for e in effects)

@@ -108,3 +108,18 @@ SELECT o.id AS order_id
   FROM orders o
   JOIN payment_intents pi ON pi.order_id = o.id
  WHERE o.state = 'confirmed' AND pi.status = 'requires_capture';
+
+-- doctor_events_match_history --
+-- History rows (since the oldest event kept) without their event, and events without their history row or of another state
+SELECT h.order_id, h.id AS history_id, 'no event' AS problem
+  FROM order_history h
+ WHERE h.id >= (SELECT min(history_id) FROM order_events)
+   AND NOT EXISTS (SELECT 1 FROM order_events e WHERE e.history_id = h.id)
+UNION ALL
+SELECT e.order_id, e.history_id,
+       CASE WHEN h.id IS NULL THEN 'no history row' ELSE 'type ' || e.type END
+  FROM order_events e
+  LEFT JOIN order_history h ON h.id = e.history_id
+ WHERE h.id IS NULL
+    OR e.type <> 'orderflow.order.'
+                 || CASE WHEN h.from_state IS NULL THEN 'created' ELSE h.to_state END;

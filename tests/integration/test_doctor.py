@@ -49,7 +49,7 @@ def test_clean_after_real_sagas_and_each_check_can_fail(
     cli = [sys.executable, "-m", "orderflow.app.cli", "doctor", "--sandbox", sandbox.url]
     result = subprocess.run(cli, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("[pass]") == 12
+    assert result.stdout.count("[pass]") == 13
 
     # a plain UPDATE of the stock is an adjustment the database records itself...
     conn.execute("UPDATE products SET available = available + 1 WHERE sku = 'MUG-01'")
@@ -91,6 +91,12 @@ def test_clean_after_real_sagas_and_each_check_can_fail(
         " AND to_state = 'paid'",
         (ids["ok"],),
     )
+    # ... its event stayed: a published fact with no state change behind it
+    assert list(_failing(conn)) == [
+        "every state change has its event, every event its state change"
+    ]
+    conn.execute("DELETE FROM order_events e"
+                 " WHERE NOT EXISTS (SELECT 1 FROM order_history h WHERE h.id = e.history_id)")  # fmt: skip
 
     # an order left waiting too long
     waiting = place(conn)

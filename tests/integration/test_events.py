@@ -208,3 +208,46 @@ def test_envelope_is_cloudevents(conn: Any) -> None:
     assert event["datacontenttype"] == "application/json"
     assert event["data"]["user_id"]
     json.dumps(event)
+
+
+def test_the_feed_over_http(client: Any, conn: Any) -> None:
+    from tests.support.api_helpers import auth, token
+
+    orders = [place(conn) for _ in range(3)]
+    events_token = token(admin=True, scope="events")
+    page = client.get("/v1/events?limit=2", headers=auth(events_token))
+    assert page.status_code == 200, page.text
+    assert [e["subject"] for e in page.json()["events"]] == [o.id for o in orders[:2]]
+    rest = client.get(
+        f"/v1/events?after={page.json()['next']}", headers=auth(token(admin=True))
+    ).json()
+    assert [e["subject"] for e in rest["events"]] == [orders[2].id]
+    # a customer's token, and a bad cursor or limit, change nothing and say why
+    assert client.get("/v1/events", headers=auth(token())).status_code == 401
+    for query in ("after=yesterday", "limit=0", "limit=5000", "limit=x"):
+        answer = client.get(f"/v1/events?{query}", headers=auth(events_token))
+        assert answer.status_code == 422 and answer.json()["error"], query
+    # the events scope opens the feed and nothing else
+    cancel = client.post(
+        f"/v1/admin/orders/{orders[0].id}/cancel", headers=auth(events_token)
+    )
+    assert cancel.status_code == 403
+    assert state_of(conn, orders[0].id) == "reserved"
+    conn.execute("UPDATE order_events SET time = time - interval '30 days'")
+    conn.execute(QUERIES["purge_events"], {"hours": 1, "published_only": False, "limit": 100})
+    gone = client.get(f"/v1/events?after={page.json()['next']}", headers=auth(events_token))
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "cursor_gone"
+
+
+def test_doctor_sees_a_state_change_without_its_event(conn: Any) -> None:
+    from orderflow.services.doctor import run_checks
+
+    def failing() -> set[str]:
+        return {c.name for c in run_checks(conn) if not c.ok}
+
+    place(conn)
+    order = place(conn)
+    place(conn)
+    assert "every state change has its event, every event its state change" not in failing()
+    conn.execute("DELETE FROM order_events WHERE order_id = %s", (order.id,))
+    assert "every state change has its event, every event its state change" in failing()
