@@ -357,6 +357,10 @@ def cmd_bench_dispatch(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_bench_events(args: argparse.Namespace, settings: Settings) -> int:
+    return int(_bench("events").main(args.events, args.saga_orders))
+
+
 def cmd_bench_clients(args: argparse.Namespace, settings: Settings) -> int:
     return int(_bench("clients").main(args.calls, args.in_flight))
 
@@ -622,6 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="then pgqueuer's drain of as many jobs (psycopg, asyncpg)",
     )
     p.set_defaults(func=cmd_bench_dispatch)
+    p = bench_sub.add_parser(
+        "events", help="order events relayed to NATS JetStream: events/s, commit → publish"
+    )
+    p.add_argument("--events", type=int, default=20000)
+    p.add_argument(
+        "--saga-orders", type=int, default=3000,
+        help="then bench saga (x256, --backlog-first) without and with a relay; 0: skip",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_bench_events)
     p = bench_sub.add_parser("clients", help="the provider clients' own CPU per call")
     p.add_argument("--calls", type=int, default=2000, help="calls per client and mode")
     p.add_argument("--in-flight", type=int, default=64, help="calls at once on the event loop")

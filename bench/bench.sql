@@ -271,3 +271,30 @@ SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query, calls,
 SELECT order_id, EXTRACT(EPOCH FROM claimed_at) AS claimed_epoch
   FROM outbox
  WHERE step = 'charge_payment' AND order_id = ANY(%(ids)s) AND claimed_at IS NOT NULL;
+
+-- bench_events_count --
+-- Order events in the table (the seeded history's, written by its trigger)
+SELECT count(*) AS n FROM order_events;
+
+-- bench_events_orders --
+-- Every order's id, each to get more history rows in the latency phase
+SELECT id FROM orders ORDER BY id;
+
+-- bench_events_note --
+-- A self-loop history row on each of these orders: their events come from the history trigger
+INSERT INTO order_history (order_id, from_state, to_state, event)
+SELECT id, state, state, 'bench_note' FROM orders WHERE id = ANY(%(order_ids)s);
+
+-- bench_events_last_sequences --
+-- These orders' newest event sequence numbers (the ones the note just wrote)
+SELECT order_id, max(sequence) AS sequence
+  FROM order_events
+ WHERE order_id = ANY(%(order_ids)s)
+ GROUP BY order_id;
+
+-- bench_events_published --
+-- Order events published by the relay, and those still waiting
+SELECT count(*) FILTER (WHERE published_at IS NOT NULL) AS published,
+       count(*) FILTER (WHERE published_at IS NULL) AS pending
+  FROM order_events;
+

@@ -167,6 +167,18 @@ def _sandbox_health(sandbox_url: str) -> dict[str, Any]:
     return health
 
 
+def _relay_caught_up(url: str, timeout_s: float = 60.0) -> dict[str, int]:
+    """Wait for the relay to publish every event; the published and pending counts."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with connect(url) as conn:
+            row: Any = conn.execute(QUERIES["bench_events_published"]).fetchone()
+        counts = {"published": int(row["published"]), "pending": int(row["pending"])}
+        if not counts["pending"] or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
 def _ms_per(before: list[float | None], after: list[float | None], n: int) -> float | None:
     if n == 0 or None in before or None in after:
         return None
@@ -183,6 +195,7 @@ def run(
     backlog: bool = False,
     worker_checkout: Path | None = None,
     capture: str | None = None,
+    relay_events_url: str | None = None,
 ) -> dict[str, Any]:
     with scratch_database("orderflow_bench_saga") as url:
         if preload:  # finished orders with their history and outbox rows, for the flat-cost run
@@ -218,6 +231,7 @@ def run(
             env=env,
         )
         procs: list[subprocess.Popen[bytes]] = []
+        relay: subprocess.Popen[bytes] | None = None
         try:
             wait_until_up(f"{sandbox_url}/_sandbox/health")
             if latency_ms:  # every provider call waits this long before it is served
@@ -228,6 +242,12 @@ def run(
             if backlog:  # every order waits, held until the workers run: all claimable at once
                 _place_all(url, main_carts)
                 _scalar(url, "bench_saga_hold")
+            if relay_events_url:  # `orderflow relay` beside the workers, publishing every event
+                relay = subprocess.Popen(
+                    [sys.executable, "-m", "orderflow.app.cli", "relay", "--log-level", "WARNING"],
+                    cwd=CHECKOUT,
+                    env={**env, "ORDERFLOW_EVENTS_URL": relay_events_url},
+                )
             procs = [
                 subprocess.Popen(
                     [
@@ -281,7 +301,11 @@ def run(
             # The clients' own share, the same calls in this process (the workers are idle now).
             httpx.post(f"{sandbox_url}/_sandbox/faults", json={"rules": []}).raise_for_status()
             clients = measure_clients(sandbox_url, 500, in_flight=min(concurrency, 64))
+            events = _relay_caught_up(url) if relay else {}
         finally:
+            if relay is not None:
+                relay.terminate()
+                relay.wait(30)
             for proc in procs:
                 proc.terminate()
             for proc in procs:
@@ -311,6 +335,8 @@ def run(
         "backlog_first": backlog,
         "capture": capture or os.environ.get("ORDERFLOW_CAPTURE") or "at_shipment",
         "concurrency": concurrency,
+        "relay": bool(relay_events_url),
+        "events_published": events.get("published"),
         "worker_checkout": str(worker_checkout or CHECKOUT),
         "sandbox_peak_concurrent_calls": peak_calls,
         # CPU per saga while the main batch drained (placing orders included in Postgres's)

@@ -28,6 +28,7 @@ VIEWS: tuple[str, ...] = (
     "payments",
     "cancellations",
     "holds",
+    "event_backlog",
 )
 
 

@@ -46,6 +46,10 @@ SELECT * FROM reporting.cancellations;
 -- Card payments held and not yet captured, soonest to expire first
 SELECT * FROM reporting.holds;
 
+-- report_event_backlog --
+-- Order events not yet published to the broker, the oldest's age, and the last hour's relay lag
+SELECT * FROM reporting.event_backlog;
+
 -- metrics_orders_by_state --
 -- Orders per state, for the metrics gauges
 SELECT state, orders FROM reporting.order_states;

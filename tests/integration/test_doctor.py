@@ -95,8 +95,10 @@ def test_clean_after_real_sagas_and_each_check_can_fail(
     assert list(_failing(conn)) == [
         "every state change has its event, every event its state change"
     ]
-    conn.execute("DELETE FROM order_events e"
-                 " WHERE NOT EXISTS (SELECT 1 FROM order_history h WHERE h.id = e.history_id)")  # fmt: skip
+    conn.execute(
+        "DELETE FROM order_events e"
+        " WHERE NOT EXISTS (SELECT 1 FROM order_history h WHERE h.id = e.history_id)"
+    )
 
     # an order left waiting too long
     waiting = place(conn)

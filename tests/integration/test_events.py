@@ -228,9 +228,7 @@ def test_the_feed_over_http(client: Any, conn: Any) -> None:
         answer = client.get(f"/v1/events?{query}", headers=auth(events_token))
         assert answer.status_code == 422 and answer.json()["error"], query
     # the events scope opens the feed and nothing else
-    cancel = client.post(
-        f"/v1/admin/orders/{orders[0].id}/cancel", headers=auth(events_token)
-    )
+    cancel = client.post(f"/v1/admin/orders/{orders[0].id}/cancel", headers=auth(events_token))
     assert cancel.status_code == 403
     assert state_of(conn, orders[0].id) == "reserved"
     conn.execute("UPDATE order_events SET time = time - interval '30 days'")
