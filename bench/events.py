@@ -162,17 +162,19 @@ def run(events: int, saga_orders: int) -> dict[str, Any]:
     beside = dispatch.run(2000, 64)
     print(f"beside: bench dispatch drains {beside['rows_per_s']} outbox rows/s")
     sagas: dict[str, float] = {}
+    published = None
     if saga_orders:
         # bench saga without, then with, a relay publishing every transition's event
         saga_stream, _, saga_events_url = _stream_url("saga")
         for label, relay_url in (("without", None), ("with", saga_events_url)):
             result = saga.run(saga_orders, 1, 256, 1, backlog=True, relay_events_url=relay_url)
             sagas[label] = result["sagas_per_s"]
+            published = result["events_published"] if relay_url else published
         asyncio.run(_delete_stream(saga_stream))
         print(
             f"bench saga --orders {saga_orders} --concurrency 256 --backlog-first:"
             f" {sagas['without']} sagas/s without a relay, {sagas['with']} with one"
-            f" ({sagas['with'] / sagas['without']:.0%})"
+            f" ({sagas['with'] / sagas['without']:.0%}), which published {published} events"
         )
     return {
         "events": total,
@@ -190,6 +192,7 @@ def run(events: int, saga_orders: int) -> dict[str, Any]:
         "saga_orders": saga_orders,
         "sagas_per_s_without_relay": sagas.get("without"),
         "sagas_per_s_with_relay": sagas.get("with"),
+        "saga_events_published": published,
         "saga_ratio_with_relay": (round(sagas["with"] / sagas["without"], 3) if sagas else None),
     }
 

@@ -36,6 +36,7 @@ class Overview:
     money: list[dict[str, Any]]  # held vs captured, per currency
     holds_near_expiry: list[dict[str, Any]]
     cancellations: list[dict[str, Any]]
+    events: dict[str, Any]  # the relay's lag (reporting.event_backlog)
 
     @property
     def total_orders(self) -> int:
@@ -78,6 +79,7 @@ def overview(conn: psycopg.Connection[Any]) -> Overview:
             {"margin_s": HOLD_WARNING_S, "limit": LIST_LIMIT},
         ).fetchall()
         cancellations = conn.execute(QUERIES["dashboard_cancellations"]).fetchall()
+        events = conn.execute(QUERIES["report_event_backlog"]).fetchone() or {}
     counts = {row["state"]: int(row["orders"]) for row in states}
     return Overview(
         counts=counts,
@@ -93,6 +95,7 @@ def overview(conn: psycopg.Connection[Any]) -> Overview:
         money=money,
         holds_near_expiry=holds,
         cancellations=cancellations,
+        events=events,
     )
 
 

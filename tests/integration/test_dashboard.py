@@ -133,6 +133,26 @@ def test_overview_shows_money_held_and_captured_holds_near_expiry_and_cancellati
     assert held.id in html.split('id="holds-near-expiry"')[1].split("</table>")[0]
 
 
+def test_overview_shows_the_event_relays_lag(client: TestClient, saga: Saga, conn: Any) -> None:
+    def card() -> str:
+        return client.get("/").text.split('id="events"')[1].split("</div>")[0]
+
+    pending = conn.execute("SELECT count(*) AS n FROM order_events").fetchone()["n"]
+    assert pending > 0
+    shown = card()
+    assert f'data-pending="{pending}"' in shown and 'data-published="0"' in shown
+    assert 'id="events-no-relay"' in shown  # events kept for the feed, nobody relays them
+    # a relay publishes all but the newest three, each two seconds after it was written
+    conn.execute(
+        "UPDATE order_events SET published_at = time + interval '2 seconds'"
+        " WHERE position <= (SELECT max(position) - 3 FROM order_events)"
+    )
+    shown = card()
+    assert 'data-pending="3"' in shown and f'data-published="{pending - 3}"' in shown
+    assert re.search(r'id="events-lag">2 s / 2 s<', shown)
+    assert 'id="events-no-relay"' not in shown
+
+
 def test_live_fragment_is_the_overview_without_the_page(client: TestClient, saga: Saga) -> None:
     live = client.get("/overview/live")
     assert live.status_code == 200
