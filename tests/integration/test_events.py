@@ -125,6 +125,32 @@ def test_any_writer_of_history_writes_the_event_and_a_rollback_takes_both(conn: 
     assert len(events_of(conn, order.id)) == 2
 
 
+def test_an_event_that_cannot_be_written_takes_its_state_change_with_it(conn: Any) -> None:
+    """The failpoint between the two writes: the event's insert fails (a trigger that
+    raises stands in for a full disk or a bad row), so the transition fails whole."""
+    order = place(conn)
+    conn.execute(
+        "CREATE FUNCTION pg_temp.refuse_event() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RAISE EXCEPTION 'failpoint: the event write fails'; END $$"
+    )
+    conn.execute(
+        "CREATE TRIGGER refuse_event BEFORE INSERT ON order_events"
+        " FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse_event()"
+    )
+    try:
+        with pytest.raises(psycopg.errors.RaiseException), conn.transaction():
+            advance(conn, order.id, "payment_captured", {"step": "charge_payment"})
+    finally:
+        conn.execute("DROP TRIGGER refuse_event ON order_events")
+    assert state_of(conn, order.id) == "reserved"
+    history = conn.execute(
+        "SELECT count(*) AS n FROM order_history WHERE order_id = %s", (order.id,)
+    ).fetchone()
+    assert history["n"] == len(events_of(conn, order.id)) == 1
+    advance(conn, order.id, "payment_captured", {"step": "charge_payment"})  # and then it can
+    assert state_of(conn, order.id) == "paid" and len(events_of(conn, order.id)) == 2
+
+
 def _feed(conn: Any, after: str | None = None, limit: int = 100) -> dict[str, Any]:
     return event_feed.read_feed(conn, after=after, limit=limit)
 
