@@ -93,6 +93,45 @@ CREATE TRIGGER order_history_events
     FOR EACH STATEMENT EXECUTE FUNCTION orderflow_order_events();
 """
 
+# Any writer could otherwise forge an event without its state change, or rewrite a
+# published one: events are inserted only by the history trigger above (one
+# trigger level down), and once written only `published_at` may change (the
+# relay's mark, or an operator's reset to re-publish).  Deleting stays open: the
+# retention purge.
+EVENTS_GUARDS = """
+CREATE FUNCTION orderflow_order_events_insert_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_trigger_depth() < 2 THEN
+        RAISE EXCEPTION 'order_events are written by the order_history trigger only'
+            USING ERRCODE = 'restrict_violation',
+                  HINT = 'insert the order_history row: its event follows in the same statement';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER order_events_insert_guard
+    BEFORE INSERT ON order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION orderflow_order_events_insert_guard();
+
+CREATE FUNCTION orderflow_order_events_update_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM old_rows o JOIN new_rows n ON n.position = o.position
+         WHERE (o.id, o.order_id, o.sequence, o.history_id, o.type, o.time, o.data, o.txid)
+               IS DISTINCT FROM
+               (n.id, n.order_id, n.sequence, n.history_id, n.type, n.time, n.data, n.txid)
+    ) THEN
+        RAISE EXCEPTION 'an order event is immutable: only published_at may change'
+            USING ERRCODE = 'restrict_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER order_events_update_guard
+    AFTER UPDATE ON order_events REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION orderflow_order_events_update_guard();
+"""
+
 
 def upgrade() -> None:
     op.create_table(
@@ -140,6 +179,7 @@ def upgrade() -> None:
     )
     op.execute(ULID_FUNCTION)
     op.execute(EVENTS_TRIGGER)
+    op.execute(EVENTS_GUARDS)
     for name in VIEWS:
         op.execute((VIEWS_DIR / name).read_text(encoding="utf-8"))
     op.execute("GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO reporting_reader")
@@ -147,6 +187,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS reporting.event_backlog")
+    op.execute("DROP TRIGGER order_events_update_guard ON order_events")
+    op.execute("DROP TRIGGER order_events_insert_guard ON order_events")
+    op.execute("DROP FUNCTION orderflow_order_events_update_guard()")
+    op.execute("DROP FUNCTION orderflow_order_events_insert_guard()")
     op.execute("DROP TRIGGER order_history_events ON order_history")
     op.execute("DROP FUNCTION orderflow_order_events()")
     op.execute("DROP FUNCTION orderflow_ulid(timestamptz)")
