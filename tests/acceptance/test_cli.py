@@ -76,6 +76,12 @@ def test_demo_runs_the_whole_saga_over_http(db_url: str) -> None:
     assert "authorization, authorization_release" in cancel[0] and "refund" not in cancel[0]
     assert re.search(r"^money \(EUR\): held [0-9.]+ on \d+ orders, captured [0-9.]+", out, re.M)
     assert re.search(r"shipment_failed +ship_order", out)
+    # the event feed, tallied per type: one creation per order, one confirmation per confirmed
+    total = re.search(r"^order events \(GET /v1/events\): (\d+)$", out, re.M)
+    tally = dict(re.findall(r"^  (orderflow\.order\.[a-z_]+) +(\d+)$", out, re.M))
+    assert total and int(total[1]) == sum(int(n) for n in tally.values())
+    assert int(tally["orderflow.order.created"]) == sum(final.values())
+    assert int(tally["orderflow.order.confirmed"]) == 4 + 1  # the returned one confirmed first
     assert "/docs" in out and "/metrics" in out
 
 
