@@ -95,10 +95,21 @@ async def read_json(request: Request) -> Any:
     return parse_json(await read_body(request, MAX_BODY_BYTES))
 
 
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+
+
+def decimal(raw: str) -> int | None:
+    """A non-negative ASCII decimal of at most 18 digits, else None: `str.isdigit` also
+    takes "²" and Arabic-Indic digits, which `int` refuses, and `int` refuses
+    strings past 4,300 digits."""
+    return int(raw) if _DECIMAL.fullmatch(raw) else None
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 past `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    size = decimal(declared)
+    if size is not None and size > limit:
         raise ApiError(413, "payload_too_large", f"the body must not exceed {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

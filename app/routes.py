@@ -26,6 +26,7 @@ from orderflow.app.context import AppContext
 from orderflow.app.errors import ApiError, dumps, to_api_error
 from orderflow.app.http import (
     Handler,
+    decimal,
     idempotency_key,
     json_endpoint,
     json_response,
@@ -217,8 +218,8 @@ async def get_order(request: Request) -> Response:
 async def list_orders(request: Request) -> Response:
     principal = _principal(request)
     params = request.query_params
-    raw_limit = params.get("limit", "20")
-    if not raw_limit.isdigit():
+    limit = decimal(params.get("limit", "20"))
+    if limit is None:
         raise ApiError(
             422,
             "validation_error",
@@ -230,7 +231,7 @@ async def list_orders(request: Request) -> Response:
         service.list_orders,
         user_id=principal.user_id,
         state=params.get("state"),  # present but empty is invalid, not "any"
-        limit=int(raw_limit),
+        limit=limit,
         cursor=params.get("cursor") or None,
     )
     return render(200, body)
@@ -239,8 +240,8 @@ async def list_orders(request: Request) -> Response:
 async def list_events(request: Request) -> Response:
     _principal(request, admin=True, scope="events")
     params = request.query_params
-    raw_limit = params.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= events.MAX_LIMIT:
+    limit = decimal(params.get("limit", "100"))
+    if limit is None or not 1 <= limit <= events.MAX_LIMIT:
         raise ApiError(
             422,
             "validation_error",
@@ -248,7 +249,7 @@ async def list_events(request: Request) -> Response:
             [{"field": "limit", "message": f"must be an integer from 1 to {events.MAX_LIMIT}"}],
         )
     try:
-        page = await _db(request, events.read_feed, after=params.get("after"), limit=int(raw_limit))
+        page = await _db(request, events.read_feed, after=params.get("after"), limit=limit)
     except events.BadCursor as exc:
         raise ApiError(
             422, "validation_error", "the request is invalid",

@@ -32,6 +32,7 @@ from orderflow.sql import QUERIES
 log = logging.getLogger("orderflow.relay")
 
 EVENTS_CHANNEL = "orderflow_events"
+MIN_BACKOFF_S = 0.1
 
 
 def publish_rounds(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -60,19 +61,21 @@ class Relay:
         self.max_backoff_s = max_backoff_s
         self.stop = asyncio.Event()
         self.published = 0
+        self.backoff_s = (
+            MIN_BACKOFF_S  # the next pause; back to the minimum once the broker confirms
+        )
 
     async def run(self) -> None:
         """Lead (or wait to), then relay until stopped; the database or the broker
         going away only pauses it."""
-        backoff = 0.1
         while not self.stop.is_set():
             try:
                 await self._lead_and_relay()
-                backoff = 0.1
             except (BrokerUnavailable, psycopg.OperationalError) as exc:
-                log.warning("relay paused: %s (again in %.1f s)", exc, backoff)
-                await self._sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self.max_backoff_s)
+                pause = self.backoff_s * (0.5 + random.random())
+                log.warning("relay paused: %s (again in %.1f s)", exc, pause)
+                await self._sleep(pause)
+                self.backoff_s = min(self.backoff_s * 2, self.max_backoff_s)
             finally:
                 await self.publisher.close()
 
@@ -132,6 +135,7 @@ class Relay:
         if confirmed:
             await conn.execute(QUERIES["mark_events_published"], {"positions": confirmed})
             self.published += len(confirmed)
+            self.backoff_s = MIN_BACKOFF_S
         if failure is not None:
             raise (
                 failure

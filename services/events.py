@@ -16,7 +16,7 @@ import psycopg
 
 from orderflow.sql import QUERIES
 
-CURSOR_RE = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+CURSOR_RE = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")
 MAX_LIMIT = 1000
 
 
@@ -31,7 +31,7 @@ class CursorGone(Exception):
 def parse_cursor(after: str | None) -> tuple[int, int] | None:
     if after is None:
         return None
-    match = CURSOR_RE.match(after)
+    match = CURSOR_RE.fullmatch(after)
     if not match:
         raise BadCursor("after must be the `next` cursor of a previous page, <txid>-<position>")
     txid, position = int(match.group(1)), int(match.group(2))
@@ -48,17 +48,22 @@ def read_feed(conn: psycopg.Connection[Any], *, after: str | None, limit: int) -
     """One page of events after the cursor, oldest first, and the cursor to continue from."""
     start = parse_cursor(after)
     with conn.transaction():
+        # the mark and the page from one snapshot: a purge committing between them
+        # would otherwise delete events this page skips without a 410
+        conn.execute(QUERIES["event_feed_snapshot"])
         purged = conn.execute(QUERIES["event_feed_purged"]).fetchone()
         mark = (purged["txid"], purged["position"]) if purged else None
         if start is not None and mark is not None and start < mark:
             raise CursorGone(after)
-        txid, position = start or (0, 0)
+        txid, position = max(start or (0, 0), mark or (0, 0))
         rows = conn.execute(
             QUERIES["event_feed"],
             {"after_txid": txid, "after_position": position, "limit": limit},
         ).fetchall()
     if rows:
         txid, position = rows[-1]["txid"], rows[-1]["position"]
+    # an empty page hands back the cursor it was asked from, or the purge mark if that
+    # is later: following it never answers 410
     return {
         "events": [r["envelope"] for r in rows],
         "next": format_cursor(txid, position),

@@ -33,6 +33,10 @@ SELECT e.txid, e.position,
  ORDER BY e.txid, e.position
  LIMIT %(limit)s;
 
+-- event_feed_snapshot --
+-- First statement of a feed read: the purge mark and the page from one snapshot
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
 -- event_feed_purged --
 -- How far the retention purge has gone (a cursor before it may have missed events)
 SELECT txid, position FROM order_events_purged;

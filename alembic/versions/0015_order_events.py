@@ -51,11 +51,15 @@ END $$;
 """
 
 # One statement-level trigger: a batch of transitions writes its events in one
-# INSERT.  `sequence` is the history row's rank in its order's history, so it
+# INSERT (after locking their orders, so two writers number in turn).  `sequence` is the history row's rank in its order's history, so it
 # survives the purge of old events; no address, e-mail or payment method.
 EVENTS_TRIGGER = """
 CREATE FUNCTION orderflow_order_events() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Two writers of one order's history (an operator's psql beside the engine)
+    -- take its sequence numbers in turn: the count below runs after the lock,
+    -- so it sees the other's committed row.  The engine already holds these.
+    PERFORM 1 FROM orders o WHERE o.id IN (SELECT order_id FROM added) ORDER BY o.id FOR UPDATE;
     INSERT INTO order_events (id, order_id, sequence, history_id, type, time, data, txid)
     SELECT orderflow_ulid(h.at), h.order_id, seq.n, h.id,
            'orderflow.order.' || CASE WHEN h.from_state IS NULL THEN 'created' ELSE h.to_state END,

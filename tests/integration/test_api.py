@@ -431,7 +431,9 @@ def test_order_detail_and_listing(client: Any, db_url: str) -> None:
     assert seen == list(reversed(ids))  # newest first, every order once
     reserved = client.get("/v1/orders", params={"state": "reserved"}, headers=auth(tok)).json()
     assert {o["id"] for o in reserved["orders"]} == set(ids[2:])
-    for params in ({"state": "bogus"}, {"limit": "0"}, {"limit": "x"}, {"cursor": "!!"}):
+    bad = ({"state": "bogus"}, {"limit": "0"}, {"limit": "x"}, {"cursor": "!!"},
+           {"limit": "²"}, {"limit": "٣"}, {"limit": "9" * 5000})  # fmt: skip
+    for params in bad:
         r = client.get("/v1/orders", params=params, headers=auth(tok))
         assert r.status_code == 422, params
     assert client.get("/v1/orders/not-a-ulid", headers=auth(tok)).status_code == 404

@@ -4,6 +4,7 @@ whatever wrote the row; the feed's cursor never skips a late commit; the purge."
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import psycopg
@@ -248,6 +249,79 @@ def test_feed_pages_in_order_and_answers_gone_after_a_purge(conn: Any) -> None:
         _feed(conn, after="yesterday")
 
 
+class PurgeAfterTheMark:
+    """The feed's connection, with another session's purge committing right after the
+    feed has read the purge mark: the race a page must not lose events to."""
+
+    def __init__(self, conn: Any, db_url: str) -> None:
+        self.conn, self.db_url = conn, db_url
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()
+
+    def execute(self, query: Any, params: Any = None) -> Any:
+        result = self.conn.execute(query, params)
+        if query == QUERIES["event_feed_purged"]:
+            with connect(self.db_url) as other:
+                other.execute(QUERIES["purge_events"],
+                              {"hours": 24, "published_only": False, "limit": 100})  # fmt: skip
+        return result
+
+
+def test_a_purge_during_a_page_never_skips_events_silently(db_url: str, conn: Any) -> None:
+    orders = [place(conn) for _ in range(4)]
+    first = _feed(conn, limit=1)
+    age_events(conn, "10 days", [o.id for o in orders[1:3]])
+    # the page sees the purge (410) or the events it deletes: never neither
+    try:
+        page = event_feed.read_feed(PurgeAfterTheMark(conn, db_url), after=first["next"], limit=10)  # type: ignore[arg-type]
+    except event_feed.CursorGone:
+        return
+    assert [e["subject"] for e in page["events"]] == [o.id for o in orders[1:]]
+
+
+def test_an_empty_page_hands_back_a_cursor_that_is_not_gone(conn: Any) -> None:
+    place(conn)
+    age_events(conn, "10 days")
+    conn.execute(QUERIES["purge_events"], {"hours": 24, "published_only": False, "limit": 100})
+    empty = _feed(conn)
+    assert empty["events"] == []
+    assert _feed(conn, after=empty["next"])["events"] == []  # no 410: nothing was missed
+    later = place(conn)
+    assert [e["subject"] for e in _feed(conn, after=empty["next"])["events"]] == [later.id]
+
+
+def test_two_unlocked_writers_of_one_orders_history_number_in_turn(db_url: str, conn: Any) -> None:
+    """An operator's psql beside another: both notes are kept, numbered one after the other."""
+    order = place(conn)
+    note = (
+        "INSERT INTO order_history (order_id, from_state, to_state, event)"
+        " VALUES (%s, 'reserved', 'reserved', %s)"
+    )
+    errors: list[BaseException] = []
+    with connect(db_url) as first, connect(db_url) as second:
+        with first.transaction():
+            first.execute(note, (order.id, "first_note"))
+
+            def write_second() -> None:
+                try:
+                    with second.transaction():
+                        second.execute(note, (order.id, "second_note"))
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            writer = threading.Thread(target=write_second)
+            writer.start()
+            writer.join(1.0)  # it waits for the first one's lock
+            assert writer.is_alive()
+        writer.join(10)
+    assert errors == []
+    events = events_of(conn, order.id)
+    assert [(e["sequence"], e["history_event"]) for e in events] == [
+        (1, "place"), (2, "first_note"), (3, "second_note"),
+    ]  # fmt: skip
+
+
 def test_published_only_purge_keeps_the_relays_backlog(conn: Any) -> None:
     order = place(conn)
     age_events(conn, "10 days", [order.id])
@@ -284,7 +358,8 @@ def test_the_feed_over_http(client: Any, conn: Any) -> None:
     assert [e["subject"] for e in rest["events"]] == [orders[2].id]
     # a customer's token, and a bad cursor or limit, change nothing and say why
     assert client.get("/v1/events", headers=auth(token())).status_code == 401
-    for query in ("after=yesterday", "limit=0", "limit=5000", "limit=x"):
+    hostile = ("limit=%C2%B2", f"limit={'9' * 5000}", "after=1-2%0A", "after=%D9%A3-1")
+    for query in ("after=yesterday", "limit=0", "limit=5000", "limit=x", *hostile):
         answer = client.get(f"/v1/events?{query}", headers=auth(events_token))
         assert answer.status_code == 422 and answer.json()["error"], query
     # the events scope opens the feed and nothing else
