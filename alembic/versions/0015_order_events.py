@@ -119,21 +119,24 @@ CREATE TRIGGER order_events_insert_guard
 
 CREATE FUNCTION orderflow_order_events_update_guard() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM old_rows o JOIN new_rows n ON n.position = o.position
-         WHERE (o.id, o.order_id, o.sequence, o.history_id, o.type, o.time, o.data, o.txid)
-               IS DISTINCT FROM
-               (n.id, n.order_id, n.sequence, n.history_id, n.type, n.time, n.data, n.txid)
-    ) THEN
+    IF (OLD.id, OLD.order_id, OLD.sequence, OLD.history_id, OLD.type, OLD.time, OLD.data,
+        OLD.txid)
+       IS DISTINCT FROM
+       (NEW.id, NEW.order_id, NEW.sequence, NEW.history_id, NEW.type, NEW.time, NEW.data,
+        NEW.txid) THEN
         RAISE EXCEPTION 'an order event is immutable: only published_at may change'
             USING ERRCODE = 'restrict_violation';
     END IF;
-    RETURN NULL;
+    RETURN NEW;
 END $$;
 
+-- Only an UPDATE naming one of these columns fires it: the relay's mark, which sets
+-- published_at alone, costs nothing (a statement trigger on every UPDATE took a
+-- third off the relay's rate).
 CREATE TRIGGER order_events_update_guard
-    AFTER UPDATE ON order_events REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION orderflow_order_events_update_guard();
+    BEFORE UPDATE OF id, order_id, sequence, history_id, type, time, data, txid
+    ON order_events
+    FOR EACH ROW EXECUTE FUNCTION orderflow_order_events_update_guard();
 """
 
 
