@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 from bench.common import QUERIES, emit, pct_ms, scratch_database
 from bench.reports import seed
 from orderflow.outbox_worker.brokers import JetStreamPublisher
-from orderflow.outbox_worker.relay import Relay
+from orderflow.outbox_worker.relay import BATCH, Relay
 from orderflow.sql import QUERIES as PRODUCTION_QUERIES
 from orderflow.sql.db import connect
 
@@ -95,8 +95,8 @@ async def _latency(
 
 
 async def _bare_publish(url: str, events_url: str) -> tuple[int, float]:
-    """The ceiling: the same envelopes published straight from memory, 500 at a time
-    (the relay's batch), with no database around them."""
+    """The ceiling: the same envelopes published straight from memory, a relay's batch
+    at a time, with no database around them."""
     async with await psycopg.AsyncConnection.connect(url, row_factory=dict_row) as conn:
         rows = await (
             await conn.execute(PRODUCTION_QUERIES["unpublished_events"], {"limit": 10**9})
@@ -104,11 +104,11 @@ async def _bare_publish(url: str, events_url: str) -> tuple[int, float]:
     publisher = JetStreamPublisher(events_url)
     await publisher.connect()
     started = time.perf_counter()
-    for i in range(0, len(rows), 500):
+    for i in range(0, len(rows), BATCH):
         await asyncio.gather(
             *(
                 publisher.publish(r["id"], r["type"], r["envelope"].encode())
-                for r in rows[i : i + 500]
+                for r in rows[i : i + BATCH]
             )
         )
     elapsed = time.perf_counter() - started

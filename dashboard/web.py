@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from orderflow.app.http import decimal
 from orderflow.config import Settings
 from orderflow.dashboard import data, vendor
 from orderflow.dashboard.security import COOKIE, SESSION_TTL_S, Access, Session, csrf_ok
@@ -256,8 +257,8 @@ class Dashboard:
 
     async def _form(self, request: Request) -> dict[str, str]:
         """The urlencoded form, read up to MAX_FORM_BYTES; anything else is an empty form."""
-        declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+        declared = decimal(request.headers.get("content-length", "0"))
+        if declared is None or declared > MAX_FORM_BYTES:
             return {}
         body = b""
         async for chunk in request.stream():

@@ -33,6 +33,7 @@ log = logging.getLogger("orderflow.relay")
 
 EVENTS_CHANNEL = "orderflow_events"
 MIN_BACKOFF_S = 0.1
+BATCH = 500  # events read and published per round-trip
 
 
 def publish_rounds(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -50,7 +51,7 @@ class Relay:
         db_url: str,
         publisher: Publisher,
         *,
-        batch: int = 500,
+        batch: int = BATCH,
         idle_s: float = 1.0,
         max_backoff_s: float = 30.0,
     ) -> None:
@@ -61,9 +62,8 @@ class Relay:
         self.max_backoff_s = max_backoff_s
         self.stop = asyncio.Event()
         self.published = 0
-        self.backoff_s = (
-            MIN_BACKOFF_S  # the next pause; back to the minimum once the broker confirms
-        )
+        # the next pause after a failure; back to the minimum once the broker confirms
+        self.backoff_s = MIN_BACKOFF_S
 
     async def run(self) -> None:
         """Lead (or wait to), then relay until stopped; the database or the broker

@@ -51,8 +51,9 @@ END $$;
 """
 
 # One statement-level trigger: a batch of transitions writes its events in one
-# INSERT (after locking their orders, so two writers number in turn).  `sequence` is the history row's rank in its order's history, so it
-# survives the purge of old events; no address, e-mail or payment method.
+# INSERT (after locking their orders, so two writers number in turn).  `sequence`
+# is the history row's rank in its order's history, so it survives the purge of
+# old events; no address, e-mail or payment method.
 EVENTS_TRIGGER = """
 CREATE FUNCTION orderflow_order_events() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
